@@ -1,0 +1,158 @@
+"""Benchmark plumbing shared by every bench_<op>.py: timing, memory, environment, and the result writer.
+
+Timing: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on the CPU; both give the median and
+the 20th/80th percentiles. Throughput is reported against the op's *minimum* traffic (each input read once,
+each output written once), so 100 % means a perfect one-pass kernel at the measured time.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclasses.dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    mode: str  # fwd | bwd | fwd+bwd
+    provider: str
+    median_ms: float | None
+    p20_ms: float | None
+    p80_ms: float | None
+    min_bytes: int = 0
+    gbps: float | None = None
+    flops: int = 0
+    tflops: float | None = None
+    peak_mem_mb: float | None = None
+    note: str = ""
+    device: str = ""
+    versions: str = ""
+    git_sha: str = ""
+    timestamp: str = ""
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def versions() -> str:
+    parts = [f"torch={torch.__version__}"]
+    try:
+        import triton
+
+        parts.append(f"triton={triton.__version__}")
+    except ImportError:
+        parts.append("triton=none")
+    try:
+        from reprokernels import _cuda
+
+        parts.append(f"cuda_C={_cuda.runtime_version() or 'none'}")
+    except ImportError:
+        pass
+    return " ".join(parts)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool = False) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
+                                                quantiles=[0.5, 0.2, 0.8])
+        return float(med), float(p20), float(p80)
+    from torch.utils import benchmark
+
+    fn()  # warm-up (and compilation for compiled providers)
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2 if quick else 1.0)
+    times = np.asarray(m.times) * 1e3
+    return float(np.median(times)), float(np.quantile(times, 0.2)), float(np.quantile(times, 0.8))
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> float | None:
+    """Peak CUDA memory of one call above what was allocated before it; None on the CPU (not tracked)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object],
+            device: torch.device | str, *, min_bytes: int = 0, flops: int = 0, quick: bool = False,
+            note: str = "") -> Row:
+    med, p20, p80 = time_fn(fn, device, quick=quick)
+    return Row(
+        op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
+        median_ms=med, p20_ms=p20, p80_ms=p80, min_bytes=min_bytes,
+        gbps=(min_bytes / (med * 1e-3) / 1e9) if min_bytes and med else None,
+        flops=flops, tflops=(flops / (med * 1e-3) / 1e12) if flops and med else None,
+        peak_mem_mb=peak_memory_mb(fn, device), note=note, device=device_name(device), versions=versions(),
+        git_sha=git_sha(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+
+
+def skipped(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, device: torch.device | str,
+            why: str) -> Row:
+    """A row for a provider that cannot be timed here (kept so tables show the gap and why)."""
+    return Row(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
+               median_ms=None, p20_ms=None, p80_ms=None, note=why, device=device_name(device),
+               versions=versions(), git_sha=git_sha(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
+def write_rows(rows: Iterable[Row], name: str, results_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Append rows to results/<name>.csv and results/<name>.jsonl (headers written once)."""
+    rows = list(rows)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path = results_dir / f"{name}.csv", results_dir / f"{name}.jsonl"
+    fields = [f.name for f in dataclasses.fields(Row)]
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+    with json_path.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(dataclasses.asdict(r)) + "\n")
+    return csv_path, json_path
+
+
+def format_table(rows: Iterable[Row]) -> str:
+    """A plain-text side-by-side table, one line per row."""
+    head = f"{'op':<14} {'shape':<34} {'dtype':<8} {'mode':<8} {'provider':<22} {'median ms':>10} {'GB/s':>8}  note"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        med = f"{r.median_ms:10.3f}" if r.median_ms is not None else f"{'-':>10}"
+        gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'-':>8}"
+        lines.append(f"{r.op:<14} {r.shape:<34} {r.dtype:<8} {r.mode:<8} {r.provider:<22} {med} {gb}  {r.note}")
+    return "\n".join(lines)

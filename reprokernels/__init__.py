@@ -1,0 +1,22 @@
+"""reprokernels: fused GPU kernels for reprogramming frozen pre-trained models.
+
+Importing the package is cheap: Triton and the CUDA extension are loaded on first use.
+"""
+
+from __future__ import annotations
+
+from ._backend import BackendUnavailableError, default_backend, use_backend
+from ._cuda import CudaUnavailableError, cuda_available
+from ._info import info
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CudaUnavailableError",
+    "__version__",
+    "cuda_available",
+    "default_backend",
+    "info",
+    "use_backend",
+]

@@ -1,0 +1,178 @@
+"""Build script for the optional CUDA extension ``reprokernels._C``.
+
+The extension is raw-pointer CUDA kernels plus a pybind11 module: no torch headers, static cudart, so it
+builds against any torch (CPU wheels included) and has no torch ABI to mismatch. This file never imports
+torch, never probes GPUs and never downloads anything.
+
+Switches (environment variables):
+  REPROKERNELS_BUILD_CUDA=1        build the extension; fail loudly if nvcc is missing
+  REPROKERNELS_BUILD_CUDA=0        skip it (pure Python + Triton install)
+  (unset)                          build it when nvcc is found
+  REPROKERNELS_CUDA_ARCHS="80;90"  SASS targets; PTX of the newest is embedded too (default "80;90")
+  REPROKERNELS_STRICT_BUILD=1      warnings are errors and any register spill reported by ptxas fails the build
+  CUDA_HOME / CUDA_PATH            the toolkit (default: the directory above the nvcc on PATH)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+BUILD_INFO = ROOT / "reprokernels" / "_build_info.json"
+DEFAULT_ARCHS = "80;90"
+
+
+def _find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _archs() -> list[str]:
+    raw = os.environ.get("REPROKERNELS_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = [a.strip().replace(".", "") for a in re.split(r"[;, ]+", raw) if a.strip()]
+    bad = [a for a in archs if not a.isdigit()]
+    if not archs or bad:
+        sys.exit(f"reprokernels: REPROKERNELS_CUDA_ARCHS must list compute capabilities like '80;90', got {raw!r}")
+    return sorted(set(archs), key=int)
+
+
+def _gencode_flags(archs: tuple[str, ...]) -> list[str]:
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = archs[-1]
+    flags.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")  # PTX for future GPUs
+    return flags
+
+
+def _decide() -> tuple[bool, str, str | None]:
+    """(build?, reason, nvcc path)."""
+    switch = os.environ.get("REPROKERNELS_BUILD_CUDA", "").strip()
+    nvcc = _find_nvcc()
+    if switch == "0":
+        return False, "skipped: REPROKERNELS_BUILD_CUDA=0", nvcc
+    if switch == "1":
+        if nvcc is None:
+            sys.exit("reprokernels: REPROKERNELS_BUILD_CUDA=1 but nvcc was not found "
+                     "(set CUDA_HOME or put nvcc on PATH)")
+        return True, "built: REPROKERNELS_BUILD_CUDA=1", nvcc
+    if switch not in ("",):
+        sys.exit(f"reprokernels: REPROKERNELS_BUILD_CUDA must be 0, 1 or unset, got {switch!r}")
+    if nvcc is None:
+        return False, "skipped: nvcc not found at install time", None
+    return True, "built: nvcc found at install time", nvcc
+
+
+def _nvcc_version(nvcc: str) -> str:
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def _cuda_home(nvcc: str) -> Path:
+    """The toolkit root: CUDA_HOME/CUDA_PATH, else above nvcc (through wrappers), else /usr/local/cuda."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent)]
+    try:  # nvcc may be a wrapper script: its dry run names the real toolkit directory
+        dry = subprocess.run([nvcc, "--dryrun", "--version"], capture_output=True, text=True).stderr
+        m = re.search(r"TOP=(\S+)", dry)
+        if m:
+            candidates.append(str(Path(m.group(1)).resolve()))
+    except OSError:
+        pass
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c)
+    sys.exit(f"reprokernels: cannot find the CUDA toolkit next to {nvcc} (set CUDA_HOME)")
+
+
+class NvccBuildExt(build_ext):
+    """Compiles csrc/*.cu with nvcc, then links them into the pybind11 module with the host compiler."""
+
+    nvcc: str = ""
+    archs: tuple[str, ...] = ()
+    strict: bool = False
+
+    def build_extension(self, ext: Extension) -> None:
+        cuda_home = _cuda_home(self.nvcc)
+        objdir = Path(self.build_temp) / "cuda"
+        objdir.mkdir(parents=True, exist_ok=True)
+        flags = [
+            "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-Xptxas", "-v",
+            f"-I{CSRC}", *_gencode_flags(self.archs),
+        ]
+        if self.strict:
+            flags += ["-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror"]
+        log_lines = []
+        for src in sorted(CSRC.glob("*.cu")):
+            obj = objdir / (src.stem + ".o")
+            cmd = [self.nvcc, *flags, "-c", str(src), "-o", str(obj)]
+            print("reprokernels: " + " ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            log_lines.append(proc.stdout + proc.stderr)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stdout + proc.stderr)
+                raise RuntimeError(f"reprokernels: nvcc failed on {src.name}")
+            ext.extra_objects.append(str(obj))
+        log = "".join(log_lines)
+        (Path(self.build_temp) / "ptxas.log").write_text(log)
+        spills = [ln for ln in log.splitlines() if re.search(r"[1-9]\d* bytes spill (stores|loads)", ln)]
+        if spills:
+            msg = "reprokernels: ptxas reports register spills:\n" + "\n".join(spills)
+            if self.strict:
+                raise RuntimeError(msg)
+            print(msg)
+        ext.include_dirs += [str(CSRC), str(cuda_home / "include")]
+        ext.library_dirs += [str(cuda_home / "lib64"), str(cuda_home / "lib")]
+        super().build_extension(ext)
+
+
+def main() -> None:
+    build, reason, nvcc = _decide()
+    info = {"cuda_build": build, "reason": reason, "archs": [], "nvcc": None}
+    ext_modules: list[Extension] = []
+    cmdclass = {}
+    if build:
+        import pybind11  # build requirement; imported only when the extension is built
+
+        archs = _archs()
+        strict = os.environ.get("REPROKERNELS_STRICT_BUILD", "") == "1"
+        info.update(archs=archs, nvcc=_nvcc_version(nvcc), strict=strict)
+        NvccBuildExt.nvcc, NvccBuildExt.archs, NvccBuildExt.strict = nvcc, tuple(archs), strict
+        cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+        if strict:
+            cxx_flags += ["-Wall", "-Wextra", "-Werror"]
+        ext_modules.append(
+            Extension(
+                "reprokernels._C",
+                sources=[str((CSRC / "bindings.cpp").relative_to(ROOT))],
+                include_dirs=[pybind11.get_include()],
+                extra_compile_args=cxx_flags,
+                # static cudart: the module only needs the driver (libcuda) at run time
+                libraries=["cudart_static", "rt", "pthread", "dl"],
+                language="c++",
+            )
+        )
+        cmdclass["build_ext"] = NvccBuildExt
+        print(f"reprokernels: building the CUDA extension for sm_{', sm_'.join(archs)} (+PTX) with nvcc {info['nvcc']}")
+    else:
+        print(f"reprokernels: CUDA extension {reason}; installing pure Python + Triton")
+    BUILD_INFO.write_text(json.dumps(info, indent=1) + "\n")
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
+
+
+main()
