@@ -159,7 +159,7 @@ def main() -> None:
         ext_modules.append(
             Extension(
                 "reprokernels._C",
-                sources=[str((CSRC / "bindings.cpp").relative_to(ROOT))],
+                sources=[str(p.relative_to(ROOT)) for p in sorted(CSRC.glob("*.cpp"))],
                 include_dirs=[pybind11.get_include()],
                 extra_compile_args=cxx_flags,
                 # static cudart: the module only needs the driver (libcuda) at run time

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._backend import BackendUnavailableError, default_backend, use_backend
 from ._cuda import CudaUnavailableError, cuda_available
 from ._info import info
+from .ops.visual_prompt import visual_prompt
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "default_backend",
     "info",
     "use_backend",
+    "visual_prompt",
 ]
