@@ -9,6 +9,8 @@ import torch
 # Must happen before anything imports triton: @triton.jit reads it when a kernel is defined.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel launchers fill their outputs with NaN before a kernel writes them (reprokernels/_alloc.py).
+os.environ.setdefault("REPROKERNELS_POISON_OUTPUTS", "1")
 
 import pytest
 from hypothesis import HealthCheck, settings
