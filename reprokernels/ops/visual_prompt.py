@@ -61,9 +61,9 @@ def _fwd_fake(x, delta, mask, mean, std, ints, floats, modes, backend):
 def _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend):
     spec = VPSpec.from_schema(ints, floats, modes)
     dx, dd, dm = _impl(backend).visual_prompt_backward(grad, x, delta, mask, mean, std, spec, *needs)
-    # the schema has no optional outputs: an unneeded gradient is an empty tensor
-    empty = x.new_empty((0,))
-    return (empty if dx is None else dx, empty if dd is None else dd, empty if dm is None else dm)
+    # the schema has no optional outputs: an unneeded gradient is an empty tensor (a fresh one each: outputs
+    # must not alias)
+    return tuple(x.new_empty((0,)) if t is None else t for t in (dx, dd, dm))
 
 
 @torch.library.register_fake("reprokernels::visual_prompt_bwd")
@@ -105,6 +105,8 @@ def _channel_vector(value, name: str, C: int, x: torch.Tensor) -> torch.Tensor |
     else:
         vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
         t = torch.tensor(vals, dtype=torch.float32, device=x.device)
+    if name == "std" and not torch.compiler.is_compiling() and bool((t == 0).any()):
+        raise ValueError(f"std: expected non-zero values, got {t.tolist()}")
     if t.numel() == 1 and C != 1:
         t = t.expand(C)
     if t.numel() != C:
@@ -156,7 +158,7 @@ def _mask_tensor(mask: torch.Tensor, B: int, C: int, H: int, W: int) -> torch.Te
     return m
 
 
-def visual_prompt(
+def prepare(
     x: torch.Tensor,
     delta: torch.Tensor,
     *,
@@ -174,30 +176,8 @@ def visual_prompt(
     mean: float | Sequence[float] | torch.Tensor | None = None,
     std: float | Sequence[float] | torch.Tensor | None = None,
     fill: float = 0.0,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """Build the frozen model's input from the task's image and a learnable perturbation, in one pass.
-
-    Args:
-        x: (B, C, h, w) images, float32/float16/bfloat16 (float64 on the reference backend), any strides.
-        delta: (C, H, W) perturbation shared by the batch, or (B, C, H, W) per sample; any float dtype.
-        size: the canvas (H, W); default delta's spatial size (which must equal it).
-        resize: resize x to (h2, w2) first (``resize_mode`` bilinear/nearest, ``align_corners`` as in
-            ``F.interpolate``); fused, the resized image is never materialised.
-        offset: (top, left) of the image on the canvas; default centred, top pad ``(H - h2 + 1) // 2``.
-        mask: where delta acts: "outside" the image, "full" canvas, "frame" of ``mask_width`` p on the border,
-            "patch" ``(top, left, ph, pw)``, or a real tensor broadcastable to (B, 1 or C, H', W') with H'
-            dividing H (a patch-resolution mask, repeated k = H / H' times; it may require grad).
-        squash: "none" | "sigmoid" | "tanh", applied to delta before the mask multiplies it.
-        order: "pre_norm": norm(clamp(place(x) + m * g(delta))); "post_norm": norm(place(x)) + m * g(delta).
-        clamp: optional (lo, hi) applied before normalisation (pre_norm only).
-        mean, std: per-channel normalisation (constants: no gradient flows to them).
-        fill: canvas value outside the image, in pre-normalisation units.
-
-    Returns:
-        (B, C, H, W) contiguous, in x's dtype. Gradients flow to delta (summed over the batch when shared),
-        to a tensor mask (reduced to its shape) and to x. Inputs are never written.
-    """
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, VPSpec]:
+    """Validate and normalise ``visual_prompt``'s arguments: (mask 4-D or None, mean, std, spec)."""
     check_float(x, "x", FLOAT_DTYPES)
     check_ndim(x, 4, "x", "(B, C, h, w)")
     check_float(delta, "delta")
@@ -241,11 +221,58 @@ def visual_prompt(
         rect = _mask_spec(mask, mask_width, patch, H, W, top, left, h2, w2)
     mean_t = _channel_vector(mean, "mean", C, x)
     std_t = _channel_vector(std, "std", C, x)
-    if std_t is not None and bool((std_t == 0).any()):
-        raise ValueError(f"std: expected non-zero values, got {std_t.tolist()}")
     resize_used = "none" if resized is None or (h2, w2) == (h, w) else resize_mode
     spec = VPSpec(H, W, h2, w2, top, left, *rect, squash, order, resize_used, bool(align_corners), float(fill),
                   lo, hi)
+    return mask_t, mean_t, std_t, spec
+
+
+def visual_prompt(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    size: int | Sequence[int] | None = None,
+    resize: int | Sequence[int] | None = None,
+    resize_mode: str = "bilinear",
+    align_corners: bool = False,
+    offset: Sequence[int] | None = None,
+    mask: str | torch.Tensor = "outside",
+    mask_width: int | None = None,
+    patch: Sequence[int] | None = None,
+    squash: str = "none",
+    order: str = "pre_norm",
+    clamp: Sequence[float] | None = None,
+    mean: float | Sequence[float] | torch.Tensor | None = None,
+    std: float | Sequence[float] | torch.Tensor | None = None,
+    fill: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Build the frozen model's input from the task's image and a learnable perturbation, in one pass.
+
+    Args:
+        x: (B, C, h, w) images, float32/float16/bfloat16 (float64 on the reference backend), any strides.
+        delta: (C, H, W) perturbation shared by the batch, or (B, C, H, W) per sample; any float dtype.
+        size: the canvas (H, W); default delta's spatial size (which must equal it).
+        resize: resize x to (h2, w2) first (``resize_mode`` bilinear/nearest, ``align_corners`` as in
+            ``F.interpolate``); fused, the resized image is never materialised.
+        offset: (top, left) of the image on the canvas; default centred, top pad ``(H - h2 + 1) // 2``.
+        mask: where delta acts: "outside" the image, "full" canvas, "frame" of ``mask_width`` p on the border,
+            "patch" ``(top, left, ph, pw)``, or a real tensor broadcastable to (B, 1 or C, H', W') with H'
+            dividing H (a patch-resolution mask, repeated k = H / H' times; it may require grad).
+        squash: "none" | "sigmoid" | "tanh", applied to delta before the mask multiplies it.
+        order: "pre_norm": norm(clamp(place(x) + m * g(delta))); "post_norm": norm(place(x)) + m * g(delta).
+        clamp: optional (lo, hi) applied before normalisation (pre_norm only).
+        mean, std: per-channel normalisation (constants: no gradient flows to them).
+        fill: canvas value outside the image, in pre-normalisation units.
+
+    Returns:
+        (B, C, H, W) contiguous, in x's dtype. Gradients flow to delta (summed over the batch when shared),
+        to a tensor mask (reduced to its shape) and to x. Inputs are never written.
+    """
+    mask_t, mean_t, std_t, spec = prepare(
+        x, delta, size=size, resize=resize, resize_mode=resize_mode, align_corners=align_corners, offset=offset,
+        mask=mask, mask_width=mask_width, patch=patch, squash=squash, order=order, clamp=clamp, mean=mean, std=std,
+        fill=fill)
     chosen = resolve_backend(OP, backend, x.device)
     if chosen != "reference":
         check_float(x, "x", KERNEL_DTYPES)

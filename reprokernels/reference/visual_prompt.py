@@ -136,23 +136,62 @@ def visual_prompt(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | Non
     return out.to(x.dtype)
 
 
+def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a (B, C, H, W) gradient down to a broadcast operand's 4-D shape (incl. patch-resolution windows)."""
+    Bm, Cm, Hm, Wm = shape
+    B, C, H, W = t.shape
+    t = t.reshape(B, C, Hm, H // Hm, Wm, W // Wm).sum(dim=(3, 5))
+    if Cm == 1 and C != 1:
+        t = t.sum(dim=1, keepdim=True)
+    if Bm == 1 and B != 1:
+        t = t.sum(dim=0, keepdim=True)
+    return t
+
+
 def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None,
                            mean: torch.Tensor | None, std: torch.Tensor | None, spec: VPSpec, need_x: bool,
                            need_delta: bool, need_mask: bool
                            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients (dx, ddelta, dmask) of ``visual_prompt`` by autograd on the reference forward."""
-    with torch.enable_grad():
-        xs = x.detach().requires_grad_(need_x)
-        ds = delta.detach().requires_grad_(need_delta)
-        ms = mask.detach().requires_grad_(need_mask) if mask is not None else None
-        out = visual_prompt(xs, ds, ms, mean, std, spec)
-        wrt = [t for t, need in ((xs, need_x), (ds, need_delta), (ms, need_mask)) if need]
-        grads = iter(torch.autograd.grad(out, wrt, grad.to(out.dtype), allow_unused=True) if wrt else ())
-    result = []
-    for t, need in ((xs, need_x), (ds, need_delta), (ms, need_mask)):
-        if not need:
-            result.append(None)
-            continue
-        g = next(grads)
-        result.append(torch.zeros_like(t) if g is None else g)
-    return result[0], result[1], result[2]
+    """Gradients (dx, ddelta, dmask) of ``visual_prompt``, each None when not needed.
+
+    Written out rather than taken from autograd so it also runs where autograd is off (inside the registered
+    op, under opcheck, compile and export); the tests check it against autograd of ``visual_prompt``.
+    """
+    cdt = _compute_dtype(x, delta, mask)
+    B, C, h, w = x.shape
+    go = grad.to(cdt)
+    d = delta.to(cdt)
+    m = fixed_mask(spec, x.device, cdt) if mask is None else expand_mask(mask.to(cdt), spec.H, spec.W)
+    g = squash_fn(d, spec.squash)
+    inv_std = (1 / std.to(cdt)).view(1, C, 1, 1) if std is not None else None
+    if spec.order == "pre_norm":
+        gv = go * inv_std if inv_std is not None else go
+        if spec.has_clamp:
+            v = place(x.to(cdt), spec) + m * g
+            gv = gv * ((v >= spec.clamp_lo) & (v <= spec.clamp_hi))  # torch.clamp's pass-through rule
+        gp = gt = gv
+    else:
+        gp = go * inv_std if inv_std is not None else go
+        gt = go
+    dx = dd = dm = None
+    if need_x:
+        dplaced = gp[:, :, spec.top:spec.top + spec.h2, spec.left:spec.left + spec.w2]
+        if spec.resize_mode == "bilinear":
+            dplaced = torch.ops.aten.upsample_bilinear2d_backward(
+                dplaced.contiguous(), [spec.h2, spec.w2], [B, C, h, w], spec.align_corners, None, None)
+        elif spec.resize_mode == "nearest":
+            dplaced = torch.ops.aten.upsample_nearest2d_backward(
+                dplaced.contiguous(), [spec.h2, spec.w2], [B, C, h, w], None, None)
+        dx = dplaced.to(x.dtype).contiguous()
+    if need_delta:
+        if spec.squash == "sigmoid":
+            dg = g * (1 - g)
+        elif spec.squash == "tanh":
+            dg = 1 - g * g
+        else:
+            dg = torch.ones_like(g)
+        dd = gt * m * dg
+        dd = (dd.sum(0) if delta.dim() == 3 else dd).to(delta.dtype)
+    if need_mask and mask is not None:
+        dm = _reduce_to(gt * g, mask.shape).to(mask.dtype)
+    return dx, dd, dm
