@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import reprokernels as rk
 from reprokernels import BackendUnavailableError
+from reprokernels.reference.visual_prompt import SQUASHES
 from tests.utils import as_layout, assert_close
 
 triton_backends = ["triton"] if rk._backend.triton_installed() else []
@@ -201,6 +202,38 @@ def test_triton_matches_reference_float32(backend, cfg, seed):
     want = _run("reference", x, delta, cfg["mask"], **cfg["kw"])
     got = _run(backend, x, delta, cfg["mask"], **cfg["kw"])
     _compare(got, want)
+
+
+def _mask_args(kind: str, B: int, C: int, H: int, W: int) -> tuple[str | torch.Tensor, dict]:
+    if kind == "frame":
+        return kind, dict(mask_width=2)
+    if kind == "patch":
+        return kind, dict(patch=(1, 2, 4, 3))
+    if kind == "tensor_full":
+        return torch.rand(B, C, H, W), {}
+    if kind == "tensor_patch":
+        return torch.rand(1, 1, H // 2, W // 4), {}
+    return kind, {}
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("order", ["pre_norm", "post_norm"])
+def test_triton_every_combination(backend, mask_kind, order):
+    """Every mask kind x squash x order x resize (off / bilinear / nearest) x shared or per-sample delta."""
+    B, C, H, W = 2, 2, 8, 8
+    mask, extra = _mask_args(mask_kind, B, C, H, W)
+    x = torch.rand(B, C, 3, 5)
+    for squash in SQUASHES:
+        for resize in ("none", "bilinear", "nearest"):
+            for per_sample in (False, True):
+                delta = torch.randn(*((B,) if per_sample else ()), C, H, W)
+                kw = dict(extra, squash=squash, order=order, mean=[0.3, 0.6], std=[0.5, 0.25], fill=0.1)
+                if resize != "none":
+                    kw.update(resize=(5, 6), resize_mode=resize)
+                if order == "pre_norm":
+                    kw["clamp"] = (0.2, 0.8)
+                _compare(_run(backend, x, delta, mask, **kw), _run("reference", x, delta, mask, **kw))
 
 
 @pytest.mark.parametrize("backend", triton_backends)
