@@ -1,1 +1,25 @@
 """nn.Modules built on the ops."""
+
+from .visual_prompt import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ExpansivePrompter,
+    FullPrompter,
+    MaskGenerator,
+    PadPrompter,
+    PatchPrompter,
+    SampleSpecificMaskPrompter,
+    freeze_backbone,
+)
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ExpansivePrompter",
+    "FullPrompter",
+    "MaskGenerator",
+    "PadPrompter",
+    "PatchPrompter",
+    "SampleSpecificMaskPrompter",
+    "freeze_backbone",
+]

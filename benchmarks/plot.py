@@ -1,0 +1,127 @@
+"""Draw benchmark results: ``python -m benchmarks.plot [results/*.csv ...] [--out DIR] [--device SUBSTR]``.
+
+One PNG per (op, shape): grouped bars of the median time (ms, log scale, p20-p80 as error bars), one group per
+(dtype, mode), one bar per provider. Each CSV is the append-only log written by ``benchmarks.run``; when a
+configuration (op, shape, dtype, mode, provider, device) was measured more than once the latest row wins.
+Skipped rows (no time) are left out of the bars and listed under the chart. Needs matplotlib
+(``pip install matplotlib``, or the ``bench`` extra); without it the script says so and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROVIDER_ORDER = ("eager", "reference", "reference+compile", "composite", "triton", "cuda")
+
+
+def _float(v: str | None) -> float | None:
+    try:
+        return float(v) if v not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def load(paths: list[Path], device: str | None = None) -> list[dict]:
+    """The rows of the CSVs, the latest per configuration, optionally only devices containing ``device``."""
+    latest: dict[tuple, dict] = {}
+    for path in paths:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if device and device.lower() not in row.get("device", "").lower():
+                    continue
+                key = (row["op"], row["shape"], row["dtype"], row["mode"], row["provider"], row.get("device", ""))
+                if key not in latest or row.get("timestamp", "") >= latest[key].get("timestamp", ""):
+                    latest[key] = row
+    return list(latest.values())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
+
+
+def _provider_key(p: str) -> tuple[int, str]:
+    return (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else len(PROVIDER_ORDER), p)
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_figure: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        by_figure[(r["op"], r["shape"], r.get("device", ""))].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (op, shape, device), group in sorted(by_figure.items()):
+        timed = [r for r in group if _float(r["median_ms"]) is not None]
+        untimed = sorted({f"{r['provider']}: {r.get('note', '')}" for r in group if _float(r["median_ms"]) is None})
+        configs = sorted({(r["dtype"], r["mode"]) for r in group})
+        providers = sorted({r["provider"] for r in timed}, key=_provider_key)
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(configs) * max(1, len(providers)) / 2), 4.5))
+        width = 0.8 / max(1, len(providers))
+        for i, provider in enumerate(providers):
+            xs, meds, lo, hi = [], [], [], []
+            for j, cfg in enumerate(configs):
+                match = [r for r in timed if (r["dtype"], r["mode"]) == cfg and r["provider"] == provider]
+                if not match:
+                    continue
+                r = match[0]
+                med = _float(r["median_ms"])
+                p20, p80 = _float(r["p20_ms"]), _float(r["p80_ms"])
+                xs.append(j + (i - (len(providers) - 1) / 2) * width)
+                meds.append(med)
+                lo.append(max(0.0, med - p20) if p20 is not None else 0.0)
+                hi.append(max(0.0, p80 - med) if p80 is not None else 0.0)
+            ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=provider)
+        ax.set_xticks(range(len(configs)), [f"{d}\n{m}" for d, m in configs])
+        ax.set_ylabel("median time (ms)")
+        if timed:
+            ax.set_yscale("log")
+        ax.set_title(f"{op}: {shape}\n{device}", fontsize=9)
+        if providers:
+            ax.legend(fontsize=8)
+        if untimed:
+            fig.text(0.01, 0.01, "not timed: " + "; ".join(untimed), fontsize=6, wrap=True)
+            fig.subplots_adjust(bottom=0.22)
+        path = out_dir / f"{_slug(op)}__{_slug(shape)}__{_slug(device)[:40]}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("csv", nargs="*", type=Path, help="result CSVs (default: benchmarks/results/*.csv)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "plots", help="output folder for the PNGs")
+    parser.add_argument("--device", default=None, help="only rows whose device contains this text")
+    args = parser.parse_args(argv)
+    paths = args.csv or sorted(RESULTS.glob("*.csv"))
+    if not paths:
+        print(f"no result CSVs in {RESULTS} (run: python -m benchmarks.run <op>)", file=sys.stderr)
+        return 1
+    rows = load(paths, args.device)
+    if not rows:
+        print("no rows to plot", file=sys.stderr)
+        return 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("benchmarks.plot needs matplotlib: pip install matplotlib (or pip install -e '.[bench]')",
+              file=sys.stderr)
+        return 2
+    for path in plot(rows, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
