@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._backend import BackendUnavailableError, default_backend, use_backend
 from ._cuda import CudaUnavailableError, cuda_available
 from ._info import info
+from .ops.soft_prompt import PromptedInputs, soft_prompt_concat
 from .ops.visual_prompt import visual_prompt
 
 __version__ = "0.1.0"
@@ -15,10 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "CudaUnavailableError",
+    "PromptedInputs",
     "__version__",
     "cuda_available",
     "default_backend",
     "info",
+    "soft_prompt_concat",
     "use_backend",
     "visual_prompt",
 ]

@@ -1,0 +1,223 @@
+"""``soft_prompt_concat``: fused embedding lookup + per-example task prompts + concatenation."""
+
+from __future__ import annotations
+
+import importlib
+from typing import NamedTuple
+
+import torch
+
+from .._backend import register_op, resolve_backend
+from .._validation import FLOAT_DTYPES, KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor
+
+OP = "soft_prompt_concat"
+register_op(OP, ("reference", "triton", "cuda"))
+
+_MODULES = {
+    "reference": "reprokernels.reference.soft_prompt",
+    "triton": "reprokernels.triton.soft_prompt",
+    "cuda": "reprokernels.cuda.soft_prompt",
+}
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class PromptedInputs(NamedTuple):
+    """What a Hugging Face model's forward takes: ``model(**prompted._asdict())`` (drop the None fields)."""
+
+    inputs_embeds: torch.Tensor  # (B, P + L, D)
+    attention_mask: torch.Tensor | None  # (B, P + L), 1 at prompt positions
+    labels: torch.Tensor | None  # (B, P + L), -100 at prompt positions
+    position_ids: torch.Tensor | None  # (B, P + L), cumsum(mask) - 1, 0 where masked; None without a mask
+
+
+torch.library.define(
+    "reprokernels::soft_prompt_concat_fwd",
+    "(Tensor prompt, Tensor? input_ids, Tensor? inputs_embeds, Tensor? embedding_weight, Tensor? task_ids, "
+    "Tensor? insert_at, float embed_scale, str backend) -> Tensor",
+)
+torch.library.define(
+    "reprokernels::soft_prompt_concat_bwd",
+    "(Tensor grad, Tensor prompt, Tensor? task_ids, Tensor? insert_at, int L, float embed_scale, bool[] needs, "
+    "str backend) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("reprokernels::soft_prompt_concat_fwd", ["CPU", "CUDA"])
+def _fwd(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    return mod.soft_prompt_concat(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
+                                  embed_scale)
+
+
+@torch.library.register_fake("reprokernels::soft_prompt_concat_fwd")
+def _fwd_fake(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
+    P, D = prompt.shape[-2], prompt.shape[-1]
+    if inputs_embeds is not None:
+        B, L, _ = inputs_embeds.shape
+        return inputs_embeds.new_empty((B, P + L, D))
+    B, L = input_ids.shape
+    return embedding_weight.new_empty((B, P + L, D))
+
+
+@torch.library.impl("reprokernels::soft_prompt_concat_bwd", ["CPU", "CUDA"])
+def _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    dp, de = mod.soft_prompt_concat_backward(grad, prompt, task_ids, insert_at, L, embed_scale, *needs)
+    return tuple(grad.new_empty((0,)) if t is None else t for t in (dp, de))
+
+
+@torch.library.register_fake("reprokernels::soft_prompt_concat_bwd")
+def _bwd_fake(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
+    dp = prompt.new_empty(prompt.shape) if needs[0] else grad.new_empty((0,))
+    de = grad.new_empty((grad.shape[0], L, grad.shape[2])) if needs[1] else grad.new_empty((0,))
+    return dp, de
+
+
+class SoftPromptConcatFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
+        return torch.ops.reprokernels.soft_prompt_concat_fwd(prompt, input_ids, inputs_embeds, embedding_weight,
+                                                             task_ids, insert_at, embed_scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        prompt, input_ids, inputs_embeds, _, task_ids, insert_at, ctx.embed_scale, ctx.backend = inputs
+        ctx.L = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        ctx.save_for_backward(prompt, task_ids, insert_at)
+
+    @staticmethod
+    def backward(ctx, grad):
+        prompt, task_ids, insert_at = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[2])]
+        dp, de = torch.ops.reprokernels.soft_prompt_concat_bwd(grad, prompt, task_ids, insert_at, ctx.L,
+                                                               ctx.embed_scale, needs, ctx.backend)
+        # embedding_weight (input 3) is frozen: no gradient, ever
+        return (dp if needs[0] else None, None, de if needs[1] else None, None, None, None, None, None)
+
+
+def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: int, what: str) -> None:
+    """Integer dtype, exact shape, and every value in [0, hi] — checked before any kernel reads memory."""
+    if t is None:
+        return
+    check_tensor(t, name)
+    if t.dtype not in INT_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.numel() and not torch.compiler.is_compiling():
+        lo_v, hi_v = int(t.min()), int(t.max())
+        if lo_v < 0 or hi_v > hi:
+            bad = lo_v if lo_v < 0 else hi_v
+            raise ValueError(f"{name}: expected values in [0, {hi}] ({what}), got {bad}")
+
+
+def _extend(t: torch.Tensor, is_prompt: torch.Tensor, tok: torch.Tensor, prompt_value: int) -> torch.Tensor:
+    """A (B, L) per-token tensor laid out like the output: ``prompt_value`` at prompt positions."""
+    if t.shape[1] == 0:
+        return torch.full(is_prompt.shape, prompt_value, dtype=t.dtype, device=t.device)
+    return torch.where(is_prompt, torch.full((), prompt_value, dtype=t.dtype, device=t.device), t.gather(1, tok))
+
+
+def soft_prompt_concat(
+    prompt: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    embedding_weight: torch.Tensor | None = None,
+    task_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    insert_at: torch.Tensor | None = None,
+    embed_scale: float | None = None,
+    backend: str = "auto",
+) -> PromptedInputs:
+    """Prepend (or insert) soft-prompt vectors into the token embeddings in one pass.
+
+    Args:
+        prompt: (P, D) one task's prompt, or (T, P, D) a table of task prompts chosen per row by ``task_ids``.
+        input_ids: (B, L) token ids, looked up in ``embedding_weight`` (V, D) by the kernel itself (the
+            (B, L, D) embedding is never materialised). The table is frozen: read only, never written, never
+            given a gradient, even if it requires grad.
+        inputs_embeds: (B, L, D) ready token embeddings (instead of input_ids); gets a gradient.
+        task_ids: (B,) task of each row (required with a (T, P, D) table).
+        attention_mask: (B, L) -> (B, P + L), 1 at prompt positions.
+        labels: (B, L) -> (B, P + L), -100 at prompt positions.
+        insert_at: (B,) per row, how many leading tokens stay before the prompt (0 <= s <= L); default 0.
+        embed_scale: multiplier of the token embeddings (e.g. sqrt(D) for Gemma); never applied to the prompt.
+
+    Returns:
+        ``PromptedInputs(inputs_embeds, attention_mask, labels, position_ids)``. ``inputs_embeds`` has the
+        token embeddings' dtype (``inputs_embeds``'s or ``embedding_weight``'s: the model's), the prompt cast
+        into it. ``position_ids`` (cumsum of the mask minus 1, 0 where masked) is given when
+        ``attention_mask`` is, so left- and right-padded batches both work; else None.
+    """
+    check_float(prompt, "prompt")
+    check_ndim(prompt, (2, 3), "prompt", "(P, D) or (T, P, D)")
+    P, D = prompt.shape[-2], prompt.shape[-1]
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("input_ids/inputs_embeds: expected exactly one of them, got "
+                         + ("both" if input_ids is not None else "neither"))
+    if inputs_embeds is not None:
+        if embedding_weight is not None:
+            raise ValueError("embedding_weight: only used with input_ids, not with inputs_embeds")
+        check_float(inputs_embeds, "inputs_embeds")
+        check_ndim(inputs_embeds, 3, "inputs_embeds", "(B, L, D)")
+        B, L, De = inputs_embeds.shape
+        if De != D:
+            raise ValueError(f"inputs_embeds: expected (B, L, D={D}) (D of the prompt), "
+                             f"got {tuple(inputs_embeds.shape)}")
+        tokens_dtype = inputs_embeds.dtype
+    else:
+        if embedding_weight is None:
+            raise ValueError("embedding_weight: input_ids need the (V, D) embedding table, got None")
+        check_float(embedding_weight, "embedding_weight")
+        check_ndim(embedding_weight, 2, "embedding_weight", "(V, D)")
+        if embedding_weight.shape[1] != D:
+            raise ValueError(f"embedding_weight: expected (V, D={D}) (D of the prompt), "
+                             f"got {tuple(embedding_weight.shape)}")
+        check_tensor(input_ids, "input_ids")
+        check_ndim(input_ids, 2, "input_ids", "(B, L)")
+        B, L = input_ids.shape
+        _check_index(input_ids, "input_ids", (B, L), embedding_weight.shape[0] - 1, "rows of embedding_weight")
+        tokens_dtype = embedding_weight.dtype
+    if prompt.dim() == 3:
+        if task_ids is None:
+            raise ValueError(f"task_ids: a (T, P, D) prompt table needs task_ids (B={B},), got None")
+        _check_index(task_ids, "task_ids", (B,), prompt.shape[0] - 1, "tasks of the prompt table")
+    elif task_ids is not None:
+        raise ValueError("task_ids: only used with a (T, P, D) prompt table, got a (P, D) prompt")
+    _check_index(insert_at, "insert_at", (B,), L, "tokens kept before the prompt")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None:
+            check_tensor(t, name)
+            if tuple(t.shape) != (B, L):
+                raise ValueError(f"{name}: expected shape (B={B}, L={L}), got {tuple(t.shape)}")
+    if labels is not None and labels.dtype not in INT_DTYPES:
+        raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+    check_same_device(("prompt", prompt), ("input_ids", input_ids), ("inputs_embeds", inputs_embeds),
+                      ("embedding_weight", embedding_weight), ("task_ids", task_ids), ("insert_at", insert_at),
+                      ("attention_mask", attention_mask), ("labels", labels))
+    scale = 1.0 if embed_scale is None else float(embed_scale)
+    chosen = resolve_backend(OP, backend, prompt.device)
+    if chosen != "reference":
+        check_float(prompt, "prompt", KERNEL_DTYPES)
+        if tokens_dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
+                            f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")
+    assert tokens_dtype in FLOAT_DTYPES
+    embeds = SoftPromptConcatFunction.apply(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
+                                            scale, chosen)
+    mask_out = labels_out = position_ids = None
+    if attention_mask is not None or labels is not None:
+        j = torch.arange(P + L, device=prompt.device).view(1, -1)
+        s = insert_at.view(B, 1).long() if insert_at is not None else torch.zeros(B, 1, dtype=torch.long,
+                                                                                  device=prompt.device)
+        is_prompt = (j >= s) & (j < s + P)
+        tok = torch.where(j < s, j, j - P).clamp(0, max(L - 1, 0)).expand(B, -1)
+        if attention_mask is not None:
+            mask_out = _extend(attention_mask, is_prompt, tok, 1)
+            keep = mask_out != 0
+            position_ids = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 0)
+        if labels is not None:
+            labels_out = _extend(labels, is_prompt, tok, -100)
+    return PromptedInputs(embeds, mask_out, labels_out, position_ids)
