@@ -48,20 +48,22 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     """(d prompt, d inputs_embeds), each None when not needed.
 
     d prompt: the prompt slice of grad, summed over the rows (per task for a table: index_add), in float32
-    then cast; d inputs_embeds: the token slices of grad put back in place, times embed_scale. Written out
-    (not autograd) so it runs inside the registered op; the tests check it against autograd of the forward.
+    (float64 for float64) then cast; d inputs_embeds: the token slices of grad put back in place, times
+    embed_scale. Written out (not autograd) so it runs inside the registered op; the tests check it against
+    autograd of the forward.
     """
     B, PL, D = grad.shape
     P = PL - L
     starts = _starts(insert_at, B)
+    acc = torch.float64 if torch.float64 in (grad.dtype, prompt.dtype) else torch.float32
     dprompt = dembeds = None
     if need_prompt:
-        slices = torch.stack([grad[b, s:s + P] for b, s in enumerate(starts)]).float() if B else (
-            grad.new_zeros((0, P, D), dtype=torch.float32))
+        slices = torch.stack([grad[b, s:s + P] for b, s in enumerate(starts)]).to(acc) if B else (
+            grad.new_zeros((0, P, D), dtype=acc))
         if prompt.dim() == 2:
             dprompt = slices.sum(0)
         else:
-            dprompt = torch.zeros(prompt.shape, dtype=torch.float32, device=grad.device)
+            dprompt = torch.zeros(prompt.shape, dtype=acc, device=grad.device)
             dprompt.index_add_(0, task_ids, slices)
         dprompt = dprompt.to(prompt.dtype)
     if need_embeds:
