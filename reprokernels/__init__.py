@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._backend import BackendUnavailableError, default_backend, use_backend
 from ._cuda import CudaUnavailableError, cuda_available
 from ._info import info
+from .ops.label_map import label_map
 from .ops.soft_prompt import PromptedInputs, soft_prompt_concat
 from .ops.visual_prompt import visual_prompt
 
@@ -21,6 +22,7 @@ __all__ = [
     "cuda_available",
     "default_backend",
     "info",
+    "label_map",
     "soft_prompt_concat",
     "use_backend",
     "visual_prompt",

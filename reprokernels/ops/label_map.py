@@ -1,0 +1,138 @@
+"""``label_map``: map the frozen model's source-class outputs to the task's target classes in one pass."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .._backend import register_op, resolve_backend
+from .._validation import KERNEL_DTYPES, check_choice, check_float, check_same_device, check_tensor
+from ..reference.label_map import INPUTS, REDUCES, out_dtype
+
+OP = "label_map"
+register_op(OP, ("reference", "triton", "cuda"))
+
+_MODULES = {
+    "reference": "reprokernels.reference.label_map",
+    "triton": "reprokernels.triton.label_map",
+    "cuda": "reprokernels.cuda.label_map",
+}
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+torch.library.define(
+    "reprokernels::label_map_fwd",
+    "(Tensor logits, Tensor mapping, str reduce, str input, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "reprokernels::label_map_bwd",
+    "(Tensor grad, Tensor logits, Tensor mapping, Tensor out, Tensor lse, str reduce, str input, bool[] needs, "
+    "str backend) -> (Tensor, Tensor)",
+)
+
+
+@torch.library.impl("reprokernels::label_map_fwd", ["CPU", "CUDA"])
+def _fwd(logits, mapping, reduce, input, backend):
+    return importlib.import_module(_MODULES[backend]).label_map(logits, mapping, reduce, input)
+
+
+@torch.library.register_fake("reprokernels::label_map_fwd")
+def _fwd_fake(logits, mapping, reduce, input, backend):
+    k_tgt = mapping.shape[1] if mapping.is_floating_point() else mapping.shape[0]
+    out = logits.new_empty((logits.shape[0], k_tgt), dtype=out_dtype(logits, input))
+    lse = logits.new_empty((logits.shape[0] if input != "logits" else 0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.impl("reprokernels::label_map_bwd", ["CPU", "CUDA"])
+def _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    dx, dw = mod.label_map_backward(grad, logits, mapping, out, lse, reduce, input, *needs)
+    return tuple(grad.new_empty((0,)) if t is None else t for t in (dx, dw))
+
+
+@torch.library.register_fake("reprokernels::label_map_bwd")
+def _bwd_fake(grad, logits, mapping, out, lse, reduce, input, needs, backend):
+    dx = logits.new_empty(logits.shape) if needs[0] else grad.new_empty((0,))
+    dw = mapping.new_empty(mapping.shape) if needs[1] else grad.new_empty((0,))
+    return dx, dw
+
+
+class LabelMapFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, mapping, reduce, input, backend):
+        return torch.ops.reprokernels.label_map_fwd(logits, mapping, reduce, input, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, mapping, ctx.reduce, ctx.input, ctx.backend = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(logits, mapping, out, lse)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_lse):
+        logits, mapping, out, lse = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]) and mapping.is_floating_point()]
+        dx, dw = torch.ops.reprokernels.label_map_bwd(grad, logits, mapping, out, lse, ctx.reduce, ctx.input,
+                                                      needs, ctx.backend)
+        return dx if needs[0] else None, dw if needs[1] else None, None, None, None
+
+
+def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
+    """An index mapping as (K_tgt, m), or a dense (K_src, K_tgt) one; ranges checked before any kernel runs."""
+    check_tensor(mapping, "mapping")
+    if mapping.is_floating_point():
+        if mapping.dim() != 2 or mapping.shape[0] != k_src:
+            raise ValueError(f"mapping: a dense (float) mapping must be (K_src={k_src}, K_tgt), "
+                             f"got shape {tuple(mapping.shape)}")
+        return mapping
+    if mapping.dtype not in INDEX_DTYPES:
+        raise TypeError(f"mapping: expected a LongTensor of source indices (or a float (K_src, K_tgt) matrix), "
+                        f"got {mapping.dtype}")
+    if mapping.dim() not in (1, 2):
+        raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
+    m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
+    if m2.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(m2.min()), int(m2.max())
+        if lo < -1 or hi >= k_src:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"mapping: expected source indices in [0, {k_src - 1}] (or -1 for none), got {bad}")
+    return m2
+
+
+def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mean", input: str = "logits",
+              backend: str = "auto") -> torch.Tensor:
+    """Map source-class outputs to target classes.
+
+    Args:
+        logits: (..., K_src) the frozen model's outputs, float32/float16/bfloat16 (float64 on the reference
+            backend), any strides; leading dims are flattened and restored.
+        mapping: (K_tgt,) long one-to-one; (K_tgt, m) long many-to-one (-1 = no source, skipped; entries may
+            repeat); or (K_src, K_tgt) float dense weights (BLM/BLM+ omega, any fixed or learnable linear map).
+        reduce: "mean" | "sum" over a target's real sources (index mappings; a target with none gives 0).
+        input: "logits" (as they are), "probs" (softmax over K_src first) or "log_probs" (log-softmax first).
+            Index mappings never materialise the softmax: one pass for the row's max / log-sum-exp, then
+            only the mapped columns are read.
+
+    Returns:
+        (..., K_tgt): float32 for probs/log_probs, else the logits' dtype. Differentiable in logits and in a
+        dense mapping.
+    """
+    check_float(logits, "logits")
+    if logits.dim() < 1:
+        raise ValueError("logits: expected a (..., K_src) tensor, got a scalar")
+    check_choice(reduce, REDUCES, "reduce")
+    check_choice(input, INPUTS, "input")
+    k_src = logits.shape[-1]
+    m2 = _check_mapping(mapping, k_src)
+    check_same_device(("logits", logits), ("mapping", mapping))
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, k_src)
+    chosen = resolve_backend(OP, backend, logits.device)
+    if chosen != "reference":
+        check_float(logits, "logits", KERNEL_DTYPES)
+        if m2.is_floating_point():
+            check_float(m2, "mapping", KERNEL_DTYPES)
+    out, _ = LabelMapFunction.apply(flat, m2, reduce, input, chosen)
+    return out.reshape(*lead, out.shape[-1])
