@@ -40,7 +40,7 @@ def _fwd(logits, mapping, reduce, input, backend):
 def _fwd_fake(logits, mapping, reduce, input, backend):
     k_tgt = mapping.shape[1] if mapping.is_floating_point() else mapping.shape[0]
     out = logits.new_empty((logits.shape[0], k_tgt), dtype=out_dtype(logits, input))
-    lse = logits.new_empty((logits.shape[0] if input != "logits" else 0,), dtype=torch.float32)
+    lse = logits.new_empty((logits.shape[0], 2) if input != "logits" else (0,), dtype=torch.float32)
     return out, lse
 
 

@@ -46,12 +46,16 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, K_src); mapping (K_tgt, m) long or (K_src, K_tgt) float -> (out (B, K_tgt), lse).
 
-    lse is the (B,) float32 log-sum-exp of each row for probs/log_probs (kept for the backward), else empty.
+    lse is the (B, 2) float32 (max, log sum exp(x - max)) of each row for probs/log_probs (kept for the
+    backward; its sum is the log-sum-exp), else empty.
     Differentiable in logits and a dense mapping.
     """
     out = label_map_values(logits, mapping, reduce, input)
-    lse = torch.logsumexp(logits.float(), dim=-1) if input != "logits" else logits.new_empty((0,), dtype=torch.float32)
-    return out, lse
+    if input == "logits":
+        return out, logits.new_empty((0,), dtype=torch.float32)
+    x = logits.float()
+    mx = x.max(dim=-1).values if x.shape[0] else x.new_empty((0,))
+    return out, torch.stack([mx, torch.logsumexp(x - mx.unsqueeze(-1), dim=-1)], dim=-1)
 
 
 def label_map_values(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: str) -> torch.Tensor:
@@ -63,7 +67,7 @@ def label_map_values(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, i
     else:
         w = index_weights(mapping, reduce, cdt)
         gathered = f[:, mapping.clamp(min=0)]  # (B, K_tgt, m); -1 entries get weight 0
-        out = (gathered * w).sum(dim=-1)
+        out = torch.where(w > 0, gathered * w, 0).sum(dim=-1)  # (a -inf log-prob times 0 is not NaN)
     return out.to(out_dtype(logits, input))
 
 
@@ -85,7 +89,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
         else:
             w = index_weights(mapping, reduce, cdt)
             c = torch.zeros_like(x)
-            contrib = (g.unsqueeze(-1) * w).reshape(x.shape[0], -1)  # (B, K_tgt * m)
+            contrib = (g.unsqueeze(-1) * w).reshape(x.shape[0], w.numel())  # (B, K_tgt * m)
             c.index_add_(1, mapping.clamp(min=0).reshape(-1), contrib)
         if input == "probs":
             p = torch.softmax(x, dim=-1)

@@ -1,0 +1,265 @@
+"""label_map: the reference's semantics, the Triton kernels against it, registration, errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reprokernels as rk
+from reprokernels.reference.label_map import INPUTS, REDUCES
+from tests.utils import as_layout, assert_close
+
+triton_backends = ["triton"] if rk._backend.triton_installed() else []
+BACKENDS = ["reference", *triton_backends]
+
+
+def _grad_like(t: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t.dtype)
+
+
+def _run(backend, logits, mapping, **kw):
+    x = logits.detach().clone().requires_grad_(True)
+    w = mapping.detach().clone().requires_grad_(True) if mapping.is_floating_point() else mapping
+    out = rk.label_map(x, w, backend=backend, **kw)
+    out.backward(_grad_like(out))
+    return out, x.grad, (w.grad if mapping.is_floating_point() else None)
+
+
+def _compare(got, want, dtype=torch.float32, scale=4.0):
+    for name, a, e in zip(("out", "dlogits", "dmapping"), got, want, strict=True):
+        if e is None:
+            assert a is None, name
+            continue
+        assert_close(a, e, dtype=dtype, scale=scale, name=name)
+
+
+# ---------------------------------------------------------------- semantics
+
+
+def test_one_to_one_is_column_selection():
+    x = torch.randn(4, 10)
+    out = rk.label_map(x, torch.tensor([7, 2, 2]), backend="reference")
+    assert torch.equal(out, x[:, [7, 2, 2]])
+
+
+def test_many_to_one_mean_skips_missing_entries():
+    x = torch.arange(12.0).view(2, 6)
+    mapping = torch.tensor([[0, 1, -1], [5, -1, -1], [-1, -1, -1], [3, 3, 4]])
+    out = rk.label_map(x, mapping, backend="reference")
+    assert_close(out[0], torch.tensor([0.5, 5.0, 0.0, (3 + 3 + 4) / 3]))
+    out = rk.label_map(x, mapping, reduce="sum", backend="reference")
+    assert out[1].tolist() == [6 + 7, 11.0, 0.0, 9 + 9 + 10]
+
+
+def test_probs_and_log_probs_and_dense():
+    x = torch.randn(3, 9, dtype=torch.float64)
+    p = torch.softmax(x, -1)
+    assert_close(rk.label_map(x, torch.tensor([[1, 4]]), input="probs"), (p[:, 1:2] + p[:, 4:5]) / 2)
+    assert_close(rk.label_map(x, torch.tensor([6]), input="log_probs"), torch.log_softmax(x, -1)[:, 6:7])
+    w = torch.rand(9, 4, dtype=torch.float64)
+    assert_close(rk.label_map(x, w, input="probs"), p @ w)
+    assert rk.label_map(x.float(), w.float(), input="probs").dtype == torch.float32
+    assert rk.label_map(x.half(), torch.tensor([1]), input="probs").dtype == torch.float32
+    assert rk.label_map(x.half(), torch.tensor([1])).dtype == torch.float16
+
+
+def test_leading_dims_are_flattened_and_restored():
+    x = torch.randn(2, 3, 11)
+    out = rk.label_map(x, torch.tensor([[1, 2], [3, -1]]))
+    assert out.shape == (2, 3, 2)
+    assert_close(out, rk.label_map(x.reshape(6, 11), torch.tensor([[1, 2], [3, -1]])).reshape(2, 3, 2))
+
+
+@pytest.mark.parametrize("input", INPUTS)
+def test_reference_gradcheck_float64(input):
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    for mapping in (torch.tensor([[0, 3, -1], [3, 3, 6]]), torch.tensor([2, 5])):
+        assert torch.autograd.gradcheck(lambda x, m=mapping: rk.label_map(x, m, input=input), (x,))
+    w = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: rk.label_map(x, w, input=input), (x, w))
+
+
+# ---------------------------------------------------------------- Triton against the reference
+
+
+@st.composite
+def configs(draw):
+    B = draw(st.integers(0, 5))
+    K = draw(st.sampled_from([1, 2, 7, 33, 257, 1000, 3001]))
+    T = draw(st.integers(1, 12))
+    kind = draw(st.sampled_from(["one", "many", "dense"]))
+    m = draw(st.integers(1, 5))
+    return dict(B=B, K=K, T=T, kind=kind, m=m, input=draw(st.sampled_from(INPUTS)),
+                reduce=draw(st.sampled_from(REDUCES)), layout=draw(st.sampled_from(["contiguous", "transposed"])),
+                scale=draw(st.sampled_from([1.0, 30.0])))
+
+
+def _mapping(cfg, g):
+    K, T = cfg["K"], cfg["T"]
+    if cfg["kind"] == "one":
+        return torch.randint(0, K, (T,), generator=g)
+    if cfg["kind"] == "many":
+        m = torch.randint(-1, K, (T, cfg["m"]), generator=g)
+        return m
+    return torch.rand(K, T, generator=g)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@settings(max_examples=40)
+@given(cfg=configs(), seed=st.integers(0, 2**16))
+def test_triton_matches_reference(backend, cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = as_layout(torch.randn(cfg["B"], cfg["K"], generator=g) * cfg["scale"], cfg["layout"])
+    mapping = _mapping(cfg, g)
+    kw = dict(input=cfg["input"], reduce=cfg["reduce"])
+    _compare(_run(backend, x, mapping, **kw), _run("reference", x, mapping, **kw))
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("input", INPUTS)
+def test_half_precision_logits(backend, dtype, input):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 500, generator=g) * 4).to(dtype)
+    for mapping in (torch.randint(-1, 500, (10, 3), generator=g), torch.rand(500, 10, generator=g)):
+        want = _run("reference", x.float(), mapping.float() if mapping.is_floating_point() else mapping,
+                    input=input)
+        got = _run(backend, x, mapping, input=input)
+        assert got[1].dtype == dtype
+        want = (want[0].to(got[0].dtype), want[1], want[2])
+        _compare(got, want, dtype=dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("input", ["probs", "log_probs"])
+def test_extreme_logits_do_not_overflow(backend, input):
+    x = torch.tensor([[1e4, -1e4, 0.0, 5e3], [-3e4, -3e4 + 1, -3e4 + 2, -float("inf")]])
+    out, dx, _ = _run(backend, x, torch.tensor([[0, 2], [1, 3]]), input=input)
+    assert torch.isfinite(dx).all()
+    assert torch.isfinite(out[:, 0]).all()
+    ref = torch.softmax(x.double(), -1) if input == "probs" else torch.log_softmax(x.double(), -1)
+    want = (ref[:, [0, 1]] + ref[:, [2, 3]]) / 2
+    assert_close(out, want.float(), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_vocabulary_sized_rows(backend):
+    """A 50,000-way vocabulary mapped to 4 classes of 3 label words, through log-softmax."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50_000, generator=g) * 5
+    mapping = torch.randint(0, 50_000, (4, 3), generator=g)
+    _compare(_run(backend, x, mapping, input="log_probs"), _run("reference", x, mapping, input="log_probs"))
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_dense_mapping_gradient_is_deterministic(backend):
+    x, w = torch.randn(70, 40), torch.rand(40, 5)
+    a = _run(backend, x, w, input="probs")[2]
+    b = _run(backend, x, w, input="probs")[2]
+    assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    for backend in BACKENDS:
+        for mapping in (torch.tensor([1, 2]), torch.rand(5, 2)):
+            out, dx, dw = _run(backend, torch.randn(0, 5), mapping, input="probs")
+            assert out.shape == (0, 2) and dx.shape == (0, 5)
+            if dw is not None:
+                assert torch.equal(dw, torch.zeros(5, 2))
+
+
+# ---------------------------------------------------------------- registration
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    x = torch.randn(4, 33)
+    for mapping in (torch.tensor([[1, 5, -1], [0, 0, 32]]), torch.rand(33, 3)):
+        for input in INPUTS:
+            torch.library.opcheck(torch.ops.reprokernels.label_map_fwd, (x, mapping, "mean", input, backend))
+            out, lse = torch.ops.reprokernels.label_map_fwd(x, mapping, "mean", input, backend)
+            needs = [True, mapping.is_floating_point()]
+            torch.library.opcheck(torch.ops.reprokernels.label_map_bwd,
+                                  (torch.randn_like(out), x, mapping, out, lse, "mean", input, needs, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    mapping = torch.tensor([[1, 5, -1], [0, 0, 32]])
+    x = torch.randn(4, 33, requires_grad=True)
+
+    def loss_fn(x):
+        return torch.nn.functional.cross_entropy(rk.label_map(x, mapping, input="log_probs", backend=backend),
+                                                 torch.tensor([0, 1, 1, 0]))
+
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x)
+    (g,) = torch.autograd.grad(loss, x)
+    loss_e = loss_fn(x)
+    (g_e,) = torch.autograd.grad(loss_e, x)
+    assert_close(loss, loss_e)
+    assert_close(g, g_e)
+
+
+def test_torch_export():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mapping", torch.tensor([3, 1, 4]))
+
+        def forward(self, x):
+            return rk.label_map(x, self.mapping, input="probs", backend="reference")
+
+    m, x = M(), torch.randn(2, 10)
+    ep = torch.export.export(m, (x,))
+    assert "label_map_fwd" in str(ep.graph)
+    assert_close(ep.module()(x), m(x))
+
+
+def test_triton_traffic_reads_each_row_once():
+    """probs through an index mapping: the logits are read once (the LSE pass) plus the mapped columns."""
+    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
+    if not (tools / "triton_traffic.py").exists() or not triton_backends:
+        pytest.skip("shared/tools/triton_traffic.py or triton not available")
+    sys.path.insert(0, str(tools))
+    from triton_traffic import Traffic
+
+    B, K, T, m = 4, 5000, 10, 2
+    x, mapping = torch.randn(B, K), torch.randint(0, K, (T, m))
+    with Traffic() as t:
+        out = rk.label_map(x, mapping, input="probs", backend="triton")
+    assert t.stored_unique == out.numel() * 4 + B * 8  # out and the saved row (max, log-sum), nothing else
+    assert t.loaded_unique <= B * K * 4 + mapping.numel() * 8 + T * m * 4
+    assert t.loaded <= B * K * 4 + B * (mapping.numel() * 8 + T * m * 4 + T * m * 4)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("mapping", "kwargs", "error", "message"),
+    [
+        (torch.tensor([3, 10]), {}, ValueError,
+         r"mapping: expected source indices in \[0, 9\] \(or -1 for none\), got 10"),
+        (torch.tensor([[3, -2]]), {}, ValueError, r"mapping: expected source indices .* got -2"),
+        (torch.tensor([1.0, 2.0]), {}, ValueError, r"mapping: a dense \(float\) mapping must be \(K_src=10, K_tgt\)"),
+        (torch.rand(9, 3), {}, ValueError, r"mapping: a dense .* got shape \(9, 3\)"),
+        (torch.tensor([True, False]), {}, TypeError, "mapping: expected a LongTensor of source indices"),
+        (torch.zeros(2, 2, 2, dtype=torch.long), {}, ValueError, r"mapping: an index mapping must be \(K_tgt,\)"),
+        (torch.tensor([1]), dict(reduce="max"), ValueError, "reduce: expected one of 'mean', 'sum'"),
+        (torch.tensor([1]), dict(input="softmax"), ValueError, "input: expected one of 'logits', 'probs', 'log_probs'"),
+        (torch.tensor([1]), dict(backend="cuda"), rk.BackendUnavailableError, "needs CUDA tensors"),
+    ],
+)
+def test_bad_input_errors(mapping, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        rk.label_map(torch.randn(2, 10), mapping, **kwargs)
+
+
+def test_integer_logits_are_rejected():
+    with pytest.raises(TypeError, match="logits: expected a floating dtype"):
+        rk.label_map(torch.ones(2, 3, dtype=torch.long), torch.tensor([0]))
