@@ -28,7 +28,8 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
                        insert_at: torch.Tensor | None, embed_scale: float) -> torch.Tensor:
     """(B, P + L, D) in the token embeddings' dtype. Differentiable in prompt and inputs_embeds."""
     if inputs_embeds is None:
-        tokens = F.embedding(input_ids, embedding_weight.detach())  # frozen: never a gradient to the table
+        # frozen: never a gradient to the table; any integer id dtype (F.embedding takes int32/int64 only)
+        tokens = F.embedding(input_ids.long(), embedding_weight.detach())
     else:
         tokens = inputs_embeds
     if embed_scale != 1.0:
