@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +9,7 @@ from hypothesis import strategies as st
 
 import reprokernels as rk
 from reprokernels.reference.label_map import INPUTS, REDUCES
-from tests.utils import as_layout, assert_close
+from tests.utils import as_layout, assert_close, grads_match_compiled, traffic_counter
 
 triton_backends = ["triton"] if rk._backend.triton_installed() else []
 BACKENDS = ["reference", *triton_backends]
@@ -197,12 +194,7 @@ def test_torch_compile_fullgraph(backend):
         return torch.nn.functional.cross_entropy(rk.label_map(x, mapping, input="log_probs", backend=backend),
                                                  torch.tensor([0, 1, 1, 0]))
 
-    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x)
-    (g,) = torch.autograd.grad(loss, x)
-    loss_e = loss_fn(x)
-    (g_e,) = torch.autograd.grad(loss_e, x)
-    assert_close(loss, loss_e)
-    assert_close(g, g_e)
+    grads_match_compiled(loss_fn, x)
 
 
 def test_torch_export():
@@ -222,15 +214,9 @@ def test_torch_export():
 
 def test_triton_traffic_reads_each_row_once():
     """probs through an index mapping: the logits are read once (the LSE pass) plus the mapped columns."""
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
-    if not (tools / "triton_traffic.py").exists() or not triton_backends:
-        pytest.skip("shared/tools/triton_traffic.py or triton not available")
-    sys.path.insert(0, str(tools))
-    from triton_traffic import Traffic
-
     B, K, T, m = 4, 5000, 10, 2
     x, mapping = torch.randn(B, K), torch.randint(0, K, (T, m))
-    with Traffic() as t:
+    with traffic_counter() as t:
         out = rk.label_map(x, mapping, input="probs", backend="triton")
     assert t.stored_unique == out.numel() * 4 + B * 8  # out and the saved row (max, log-sum), nothing else
     assert t.loaded_unique <= B * K * 4 + mapping.numel() * 8 + T * m * 4

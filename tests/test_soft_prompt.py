@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,7 +9,7 @@ from hypothesis import strategies as st
 
 import reprokernels as rk
 from reprokernels.reference import soft_prompt as ref
-from tests.utils import as_layout, assert_close
+from tests.utils import as_layout, assert_close, grads_match_compiled, traffic_counter
 
 triton_backends = ["triton"] if rk._backend.triton_installed() else []
 BACKENDS = ["reference", *triton_backends]
@@ -235,12 +232,7 @@ def test_torch_compile_fullgraph(backend):
                                     backend=backend)
         return (out.inputs_embeds ** 2).sum() + out.position_ids.sum()
 
-    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(prompt)
-    (g,) = torch.autograd.grad(loss, prompt)
-    loss_e = step(prompt)
-    (g_e,) = torch.autograd.grad(loss_e, prompt)
-    assert_close(loss, loss_e)
-    assert_close(g, g_e)
+    grads_match_compiled(step, prompt)
 
 
 def test_torch_export():
@@ -262,16 +254,10 @@ def test_torch_export():
 
 def test_triton_traffic_is_one_pass():
     """Forward reads each gathered row and the prompt once and writes the output once."""
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
-    if not (tools / "triton_traffic.py").exists() or not triton_backends:
-        pytest.skip("shared/tools/triton_traffic.py or triton not available")
-    sys.path.insert(0, str(tools))
-    from triton_traffic import Traffic
-
     B, L, P, D, V = 4, 6, 3, 32, 100
     emb, prompt = torch.randn(V, D), torch.randn(P, D)
     ids = torch.stack([torch.randperm(V)[:L] for _ in range(B)])  # distinct ids: no row is legitimately re-read
-    with Traffic() as t:
+    with traffic_counter() as t:
         out = rk.soft_prompt_concat(prompt, input_ids=ids, embedding_weight=emb, backend="triton").inputs_embeds
     assert t.stored == t.stored_unique == out.numel() * 4
     rows = torch.unique(ids).numel()

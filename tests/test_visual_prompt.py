@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +11,7 @@ from hypothesis import strategies as st
 import reprokernels as rk
 from reprokernels import BackendUnavailableError
 from reprokernels.reference.visual_prompt import SQUASHES
-from tests.utils import as_layout, assert_close
+from tests.utils import as_layout, assert_close, grads_match_compiled, traffic_counter
 
 triton_backends = ["triton"] if rk._backend.triton_installed() else []
 
@@ -328,13 +325,7 @@ def test_torch_compile_fullgraph(backend):
                                backend=backend)
         return (out * out).sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(x, delta)
-    (g,) = torch.autograd.grad(loss, delta)
-    loss_e = step(x, delta)
-    (g_e,) = torch.autograd.grad(loss_e, delta)
-    assert_close(loss, loss_e)
-    assert_close(g, g_e)
+    grads_match_compiled(lambda d: step(x, d), delta)
 
 
 def test_torch_export():
@@ -354,14 +345,8 @@ def test_torch_export():
 
 def test_triton_traffic_is_one_pass():
     """Forward stores each output byte once and loads x, delta (and mask) once each, nothing else."""
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
-    if not (tools / "triton_traffic.py").exists() or not triton_backends:
-        pytest.skip("shared/tools/triton_traffic.py or triton not available")
-    sys.path.insert(0, str(tools))
-    from triton_traffic import Traffic
-
     x, delta, mask = torch.rand(4, 3, 8, 8), torch.randn(3, 16, 16), torch.rand(4, 1, 4, 4)
-    with Traffic() as t:
+    with traffic_counter() as t:
         out = rk.visual_prompt(x, delta, mask=mask, squash="sigmoid", mean=[0.5] * 3, std=[0.25] * 3,
                                backend="triton")
     out_bytes = out.numel() * 4

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -90,3 +95,26 @@ def as_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 odd_sizes = st.integers(min_value=1, max_value=13)
 layouts = st.sampled_from(LAYOUTS)
 kernel_dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+
+
+def traffic_counter():
+    """A fresh ``Traffic`` counter from shared/tools/triton_traffic.py (beside the checkout), or skip the test."""
+    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
+    if not (tools / "triton_traffic.py").exists():
+        pytest.skip("shared/tools/triton_traffic.py is not beside this checkout")
+    pytest.importorskip("triton")
+    if str(tools) not in sys.path:
+        sys.path.insert(0, str(tools))
+    from triton_traffic import Traffic
+
+    return Traffic()
+
+
+def grads_match_compiled(fn: Callable[[torch.Tensor], torch.Tensor], param: torch.Tensor) -> None:
+    """``torch.compile(fn, fullgraph=True)`` gives the same loss and gradient as eager ``fn``."""
+    loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(param)
+    (g,) = torch.autograd.grad(loss, param)
+    loss_e = fn(param)
+    (g_e,) = torch.autograd.grad(loss_e, param)
+    assert_close(loss, loss_e, name="loss")
+    assert_close(g, g_e, name="grad")
