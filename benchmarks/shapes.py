@@ -23,3 +23,17 @@ SHAPES["visual_prompt"] = {
     "full": [dict(_EXPANSIVE, B=256), dict(_SMM, B=256)],
     "quick": [dict(_EXPANSIVE, B=8), dict(_SMM, B=8)],
 }
+
+# soft_prompt. Keys: name; B, L (token ids, looked up in the frozen (V, D) embedding table); P (virtual tokens),
+# D; V; T (tasks: T > 1 is a (T, P, D) prompt table with per-row task_ids, T == 1 one (P, D) prompt); dtypes
+# (of the embedding table = the output; the prompt is float32 master weights, as reprokernels.nn.SoftPrompt and
+# PEFT keep it); modes ("fwd", "fwd+bwd": the prompt's gradient; the table is frozen). Every case also extends
+# a right-padded attention mask and labels, as PEFT does.
+_LLAMA = dict(name="llama3", P=100, D=4096, V=128_256, T=8, dtypes=("bfloat16",), modes=("fwd", "fwd+bwd"))
+_T5 = dict(name="t5-base", P=20, D=768, V=32_128, T=1, dtypes=("float32",), modes=("fwd", "fwd+bwd"))
+SHAPES["soft_prompt"] = {
+    # Llama-3-8B-sized embedding, 100-token prompts, 8 tasks mixed in one batch (bf16); Lester et al.'s
+    # T5-base prompt tuning (P=20, fp32) with a large batch of short sequences.
+    "full": [dict(_LLAMA, B=32, L=512), dict(_T5, B=256, L=128)],
+    "quick": [dict(_LLAMA, B=4, L=32, P=8, D=256, V=1000), dict(_T5, B=4, L=32, P=8, D=256, V=1000)],
+}

@@ -1,5 +1,6 @@
 """nn.Modules built on the ops."""
 
+from .soft_prompt import PromptEncoder, PromptTunedModel, SoftPrompt
 from .visual_prompt import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,6 +21,9 @@ __all__ = [
     "MaskGenerator",
     "PadPrompter",
     "PatchPrompter",
+    "PromptEncoder",
+    "PromptTunedModel",
     "SampleSpecificMaskPrompter",
+    "SoftPrompt",
     "freeze_backbone",
 ]
