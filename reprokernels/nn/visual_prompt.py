@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import BACKENDS
+from .._validation import check_pair
 from ..ops.visual_prompt import visual_prompt
 from ..reference.visual_prompt import ORDERS, RESIZE_MODES, SQUASHES
 
@@ -58,17 +59,7 @@ __all__ = [
 
 
 def _pair(value: Size | None, name: str) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    try:
-        pair = tuple(int(v) for v in value)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name}: expected an int or a pair of ints >= 1, got {value!r}")
-    return pair  # type: ignore[return-value]
+    return check_pair(value, name, minimum=1)
 
 
 def _channel_buffer(value: Channelwise, name: str, channels: int) -> torch.Tensor | None:
