@@ -37,3 +37,39 @@ SHAPES["soft_prompt"] = {
     "full": [dict(_LLAMA, B=32, L=512), dict(_T5, B=256, L=128)],
     "quick": [dict(_LLAMA, B=4, L=32, P=8, D=256, V=1000), dict(_T5, B=4, L=32, P=8, D=256, V=1000)],
 }
+
+# label_map (and label_histogram, benchmarked by the same script). Keys: name; op ("label_map" |
+# "label_histogram"); B, K_src, K_tgt; label_map: mapping ("index" | "dense": a fixed float32 (K_src, K_tgt)
+# omega, no gradient), m (sources per target, index), reduce, input ("logits" | "probs" | "log_probs"), modes
+# ("fwd", "fwd+bwd": the gradient of the logits); label_histogram: weight ("count" | "prob"), topk (None = all),
+# accumulated into a running float32 statistic; dtypes (of the logits).
+_LM = dict(op="label_map", mapping="index", m=1, reduce="mean", input="logits", modes=("fwd", "fwd+bwd"))
+_FLM_10 = dict(_LM, name="flm", K_src=1000, K_tgt=10)
+_BLM_10 = dict(_LM, name="blm", K_src=1000, K_tgt=10, mapping="dense")
+_BAR_100 = dict(_LM, name="bar", K_src=1000, K_tgt=100, m=10, input="probs")
+_BLM_100 = dict(_LM, name="blm", K_src=1000, K_tgt=100, mapping="dense")
+_SUN397 = dict(_LM, name="clip-sun397", K_src=32_157, K_tgt=397, m=81)  # 81 prompt templates x 397 classes
+_SUN397_BLM = dict(_LM, name="clip-sun397-blm", K_src=32_157, K_tgt=397, mapping="dense")
+_VOCAB = dict(_LM, name="verbalizer", K_src=128_256, K_tgt=10, m=4, input="log_probs")  # Llama-3 vocabulary
+_HIST = dict(op="label_histogram", name="cifar10-train", K_src=1000, K_tgt=10)
+SHAPES["label_map"] = {
+    # ImageNet -> CIFAR-10/100 (FLM/ILM one-to-one, BAR 10-to-one on probabilities, BLM dense on logits);
+    # CLIP on SUN397 (prompt-ensemble mean over 81 columns per class, and BLM's dense omega); a verbalizer over
+    # a 128,256-token vocabulary (4 label words per class, log-softmax); label_histogram over CIFAR-10's
+    # 50,000 training images (FLM/BLM counts, BLM+ top-1 probability mass: max(1, int(0.15 * 10)) = 1).
+    "full": [
+        *(dict(s, B=256, dtypes=("float32", "float16")) for s in (_FLM_10, _BLM_10, _BAR_100, _BLM_100, _SUN397,
+                                                                   _SUN397_BLM)),
+        dict(_VOCAB, B=64, dtypes=("float32", "bfloat16")),
+        dict(_HIST, B=50_000, weight="count", topk=None, dtypes=("float32", "float16")),
+        dict(_HIST, B=50_000, weight="prob", topk=1, dtypes=("float32", "float16")),
+    ],
+    "quick": [
+        dict(_FLM_10, B=8, dtypes=("float32",)),
+        dict(_BLM_100, B=8, dtypes=("float32",)),
+        dict(_SUN397, B=4, dtypes=("float32",)),
+        dict(_VOCAB, B=2, dtypes=("float32",)),
+        dict(_HIST, B=2000, weight="count", topk=None, dtypes=("float32",)),
+        dict(_HIST, B=2000, weight="prob", topk=1, dtypes=("float32",)),
+    ],
+}

@@ -8,6 +8,8 @@ from __future__ import annotations
 from ._backend import BackendUnavailableError, default_backend, use_backend
 from ._cuda import CudaUnavailableError, cuda_available
 from ._info import info
+from .ops.label_estimators import bayesian_label_mapping, greedy_label_mapping
+from .ops.label_histogram import label_histogram
 from .ops.label_map import label_map
 from .ops.soft_prompt import PromptedInputs, soft_prompt_concat
 from .ops.visual_prompt import visual_prompt
@@ -19,9 +21,12 @@ __all__ = [
     "CudaUnavailableError",
     "PromptedInputs",
     "__version__",
+    "bayesian_label_mapping",
     "cuda_available",
     "default_backend",
+    "greedy_label_mapping",
     "info",
+    "label_histogram",
     "label_map",
     "soft_prompt_concat",
     "use_backend",

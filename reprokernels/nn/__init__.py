@@ -1,5 +1,6 @@
 """nn.Modules built on the ops."""
 
+from .label_mapping import LabelMapping
 from .soft_prompt import PromptEncoder, PromptTunedModel, SoftPrompt
 from .visual_prompt import (
     IMAGENET_MEAN,
@@ -18,6 +19,7 @@ __all__ = [
     "IMAGENET_STD",
     "ExpansivePrompter",
     "FullPrompter",
+    "LabelMapping",
     "MaskGenerator",
     "PadPrompter",
     "PatchPrompter",
