@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 
 import reprokernels as rk
-from benchmarks.common import Row, measure, skipped
+from benchmarks.common import Row, compiled_provider, gpu_provider, measure, measure_providers, skipped, why_failed
 from benchmarks.shapes import SHAPES
 
 OP = "label_map"
@@ -186,13 +186,11 @@ class HistCase:
         return "" if err <= 1e-5 else f"MISMATCH vs reference: err {err:.2g}"
 
 
-def _gpu_kernel(case_op: Callable[[str], Callable], backend: str, dev: str, module_check: bool) -> tuple:
-    if dev != "cuda":
-        return None, ("interpreter: not timed (Triton needs a GPU to be timed)" if backend == "triton"
-                      else "needs a GPU")
-    if module_check and (why := _kernel_module(backend)):
+def _gpu_kernel(case_op: Callable[[str], Callable], backend: str, device: torch.device, module_check: bool
+                ) -> tuple:
+    if module_check and device.type == "cuda" and (why := _kernel_module(backend)):
         return None, why
-    return case_op(backend), ""
+    return gpu_provider(case_op, backend, device)
 
 
 def _map_provider(case: MapCase, provider: str) -> tuple[Callable | None, str]:
@@ -200,12 +198,9 @@ def _map_provider(case: MapCase, provider: str) -> tuple[Callable | None, str]:
     if provider == "reference":
         return case.op("reference"), ""
     if provider == "reference+compile":
-        try:
-            return case.compiled_reference(), ""
-        except Exception as e:
-            return None, f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return compiled_provider(case.compiled_reference)
     if provider in ("triton", "cuda"):
-        return _gpu_kernel(case.op, provider, case.device.type, module_check=True)
+        return _gpu_kernel(case.op, provider, case.device, module_check=True)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -215,15 +210,10 @@ def _hist_provider(case: HistCase, provider: str) -> tuple[Callable | None, str]
     if provider == "reference":
         return case.op("reference"), ""
     if provider == "triton":
-        return _gpu_kernel(case.op, "triton", case.device.type, module_check=False)
+        return _gpu_kernel(case.op, "triton", case.device, module_check=False)
     if provider == "cuda":
         return None, "label_histogram has no CUDA kernel (Triton serves CUDA tensors)"
     raise ValueError(f"unknown provider {provider!r}")
-
-
-def _failed(op: str, name: str, dtype: torch.dtype, mode: str, provider: str, device, e: Exception) -> Row:
-    msg = str(e).splitlines()[0][:160] if str(e) else ""
-    return skipped(op, name, dtype, mode, provider, device, f"{type(e).__name__}: {msg}")
 
 
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:
@@ -243,25 +233,12 @@ def run(device: torch.device | str, quick: bool = False) -> list[Row]:
                     try:
                         note = hcase.check(f)
                     except Exception as e:  # an unavailable backend, a compile error at first call ...
-                        rows.append(_failed(HIST_OP, name, dtype, "fwd", provider, device, e))
+                        rows.append(skipped(HIST_OP, name, dtype, "fwd", provider, device, why_failed(e)))
                         continue
                     out = hcase.out
                     rows.append(measure(HIST_OP, name, dtype, "fwd", provider, lambda f=f, out=out: f(out), device,
                                         min_bytes=hcase.min_bytes(), quick=quick, note=note))
                 continue
-            case = MapCase(s, dtype, device)
-            for provider in PROVIDERS:
-                f, why = _map_provider(case, provider)
-                for mode in s["modes"]:
-                    if f is None:
-                        rows.append(skipped(OP, name, dtype, mode, provider, device, why))
-                        continue
-                    try:
-                        note = case.check(f, mode)  # also the first call: compiles, loads kernels
-                    except Exception as e:
-                        rows.append(_failed(OP, name, dtype, mode, provider, device, e))
-                        continue
-                    rows.append(measure(OP, name, dtype, mode, provider, case.runner(f, mode), device,
-                                        min_bytes=case.min_bytes(mode), flops=case.flops(mode), quick=quick,
-                                        note=note))
+            rows += measure_providers(OP, name, dtype, s["modes"], MapCase(s, dtype, device), PROVIDERS,
+                                      _map_provider, device, quick)
     return rows

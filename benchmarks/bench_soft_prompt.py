@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, measure, skipped
+from benchmarks.common import Row, compiled_provider, gpu_provider, measure_providers
 from benchmarks.shapes import SHAPES
 
 OP = "soft_prompt"
@@ -138,24 +138,14 @@ class Case:
 
 def _provider_fn(case: Case, provider: str) -> tuple[Callable[[torch.Tensor], Outputs] | None, str]:
     """(function, '') or (None, why it cannot run here)."""
-    dev = case.device.type
     if provider == "peft-eager":
         return case.peft_eager, ""
     if provider == "peft-eager+compile":
-        try:
-            return case.compiled_eager(), ""
-        except Exception as e:
-            return None, f"torch.compile failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return compiled_provider(case.compiled_eager)
     if provider == "reference":
         return case.op("reference"), ""
-    if provider == "triton":
-        if dev != "cuda":
-            return None, "interpreter: not timed (Triton needs a GPU to be timed)"
-        return case.op("triton"), ""
-    if provider == "cuda":
-        if dev != "cuda":
-            return None, "needs a GPU"
-        return case.op("cuda"), ""
+    if provider in ("triton", "cuda"):
+        return gpu_provider(case.op, provider, case.device)
     raise ValueError(f"unknown provider {provider!r}")
 
 
@@ -163,22 +153,8 @@ def run(device: torch.device | str, quick: bool = False) -> list[Row]:
     device = torch.device(device)
     rows: list[Row] = []
     for s in SHAPES[OP]["quick" if quick else "full"]:
-        name = shape_name(s)
         for dtype_name in s["dtypes"]:
             dtype = getattr(torch, dtype_name)
-            case = Case(s, dtype, device)
-            for provider in PROVIDERS:
-                f, why = _provider_fn(case, provider)
-                for mode in s["modes"]:
-                    if f is None:
-                        rows.append(skipped(OP, name, dtype, mode, provider, device, why))
-                        continue
-                    try:
-                        note = case.check(f, mode)  # also the first call: compiles, loads kernels
-                    except Exception as e:  # an unavailable backend, a compile error at first call ...
-                        msg = str(e).splitlines()[0][:160] if str(e) else ""
-                        rows.append(skipped(OP, name, dtype, mode, provider, device, f"{type(e).__name__}: {msg}"))
-                        continue
-                    rows.append(measure(OP, name, dtype, mode, provider, case.runner(f, mode), device,
-                                        min_bytes=case.min_bytes(mode), quick=quick, note=note))
+            rows += measure_providers(OP, shape_name(s), dtype, s["modes"], Case(s, dtype, device), PROVIDERS,
+                                      _provider_fn, device, quick)
     return rows

@@ -156,3 +156,48 @@ def format_table(rows: Iterable[Row]) -> str:
         gb = f"{r.gbps:8.1f}" if r.gbps is not None else f"{'-':>8}"
         lines.append(f"{r.op:<14} {r.shape:<34} {r.dtype:<8} {r.mode:<8} {r.provider:<22} {med} {gb}  {r.note}")
     return "\n".join(lines)
+
+
+def why_failed(e: BaseException) -> str:
+    """'ExcType: first line of the message' (for a row's note)."""
+    msg = str(e).splitlines()[0][:160] if str(e) else ""
+    return f"{type(e).__name__}: {msg}"
+
+
+def gpu_provider(make: Callable[[str], Callable], backend: str, device: torch.device
+                 ) -> tuple[Callable | None, str]:
+    """A kernel backend's function, or None and why it is not timed here (no GPU: the interpreter or nothing)."""
+    if device.type != "cuda":
+        return None, ("interpreter: not timed (Triton needs a GPU to be timed)" if backend == "triton"
+                      else "needs a GPU")
+    return make(backend), ""
+
+
+def compiled_provider(make: Callable[[], Callable]) -> tuple[Callable | None, str]:
+    try:
+        return make(), ""
+    except Exception as e:
+        return None, f"torch.compile failed: {why_failed(e)}"
+
+
+def measure_providers(op: str, name: str, dtype: torch.dtype, modes: Iterable[str], case, providers: Iterable[str],
+                      provider_fn: Callable, device: torch.device, quick: bool) -> list[Row]:
+    """Rows for every provider x mode of one case. ``case`` has check(f, mode) -> note (its first call also
+    compiles and loads kernels), runner(f, mode) -> a no-argument callable, min_bytes(mode) and optionally
+    flops(mode); ``provider_fn(case, provider)`` gives (f, '') or (None, why it cannot run here)."""
+    rows = []
+    for provider in providers:
+        f, why = provider_fn(case, provider)
+        for mode in modes:
+            if f is None:
+                rows.append(skipped(op, name, dtype, mode, provider, device, why))
+                continue
+            try:
+                note = case.check(f, mode)
+            except Exception as e:  # an unavailable backend, a compile error at first call ...
+                rows.append(skipped(op, name, dtype, mode, provider, device, why_failed(e)))
+                continue
+            flops = case.flops(mode) if hasattr(case, "flops") else 0
+            rows.append(measure(op, name, dtype, mode, provider, case.runner(f, mode), device,
+                                min_bytes=case.min_bytes(mode), flops=flops, quick=quick, note=note))
+    return rows
