@@ -73,3 +73,26 @@ SHAPES["label_map"] = {
         dict(_HIST, B=2000, weight="prob", topk=1, dtypes=("float32",)),
     ],
 }
+
+# prefix_attention. Keys: name; kind ("train": Lq = Lk = L, causal; "decode": Lq = 1 against an own cache of Lk
+# keys with kv_lengths, causal); B, Hq, Hkv, L (train) or Lk (decode), P (a shared (Hkv, P, d) prefix), d;
+# gpu_only (skipped on the CPU: too large to time there); dtypes (q, k, v and the prefix); modes ("fwd",
+# "fwd+bwd": gradients of q, k, v and the prefix; decode is fwd only).
+_PA_TRAIN = dict(kind="train", name="train", modes=("fwd", "fwd+bwd"))
+_PA_DECODE = dict(kind="decode", name="decode", modes=("fwd",))
+SHAPES["prefix_attention"] = {
+    # issue 6: training at Llama-3-8B head shapes (bf16, GPU) and the CPU target; decoding against a shared
+    # 512 / 2048 / 8192-token prefix with own caches of 128 ... 1024 (GPU) and the CPU target.
+    "full": [
+        *(dict(_PA_TRAIN, B=8, Hq=32, Hkv=8, L=1024, P=P, d=128, gpu_only=True, dtypes=("bfloat16",))
+          for P in (32, 128)),
+        *(dict(_PA_DECODE, B=B, Hq=32, Hkv=8, Lk=Lk, P=P, d=128, gpu_only=True, dtypes=("bfloat16",))
+          for B in (16, 64, 256) for P in (512, 2048, 8192) for Lk in (128, 1024)),
+        dict(_PA_TRAIN, B=8, Hq=8, Hkv=8, L=256, P=64, d=64, gpu_only=False, dtypes=("float32",)),
+        dict(_PA_DECODE, B=64, Hq=8, Hkv=8, Lk=128, P=2048, d=64, gpu_only=False, dtypes=("float32",)),
+    ],
+    "quick": [
+        dict(_PA_TRAIN, B=2, Hq=4, Hkv=2, L=64, P=16, d=32, gpu_only=False, dtypes=("float32",)),
+        dict(_PA_DECODE, B=8, Hq=4, Hkv=2, Lk=32, P=256, d=32, gpu_only=False, dtypes=("float32",)),
+    ],
+}

@@ -11,6 +11,7 @@ from ._info import info
 from .ops.label_estimators import bayesian_label_mapping, greedy_label_mapping
 from .ops.label_histogram import label_histogram
 from .ops.label_map import label_map
+from .ops.prefix_attention import merge_attention_states, prefix_attention
 from .ops.soft_prompt import PromptedInputs, soft_prompt_concat
 from .ops.visual_prompt import visual_prompt
 
@@ -28,6 +29,8 @@ __all__ = [
     "info",
     "label_histogram",
     "label_map",
+    "merge_attention_states",
+    "prefix_attention",
     "soft_prompt_concat",
     "use_backend",
     "visual_prompt",

@@ -1,6 +1,7 @@
 """nn.Modules built on the ops."""
 
 from .label_mapping import LabelMapping
+from .prefix_kv import PrefixKV
 from .soft_prompt import PromptEncoder, PromptTunedModel, SoftPrompt
 from .visual_prompt import (
     IMAGENET_MEAN,
@@ -23,6 +24,7 @@ __all__ = [
     "MaskGenerator",
     "PadPrompter",
     "PatchPrompter",
+    "PrefixKV",
     "PromptEncoder",
     "PromptTunedModel",
     "SampleSpecificMaskPrompter",

@@ -1,0 +1,222 @@
+"""``prefix_attention``: attention with prefix keys/values (prefix tuning, P-tuning v2, a shared prompt's KV
+cache) without expanding or concatenating the prefix; ``merge_attention_states``: the exact LSE merge."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from .._backend import register_op, resolve_backend
+from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor
+from ..reference import prefix_attention as _ref
+
+OP = "prefix_attention"
+register_op(OP, ("reference", "composite", "triton"))
+
+_MODULES = {
+    "reference": "reprokernels.reference.prefix_attention",
+    "composite": "reprokernels.composite.prefix_attention",
+    "triton": "reprokernels.triton.prefix_attention",
+}
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+_ARGS = "Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? task_ids, " \
+        "Tensor? key_padding_mask, Tensor? kv_lengths"
+torch.library.define(
+    "reprokernels::prefix_attention_fwd",
+    f"({_ARGS}, bool causal, float scale, str backend) -> (Tensor, Tensor)",
+)
+torch.library.define(
+    "reprokernels::prefix_attention_bwd",
+    f"(Tensor grad_out, {_ARGS}, Tensor out, Tensor lse, bool causal, float scale, bool[] needs, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.impl("reprokernels::prefix_attention_fwd", ["CPU", "CUDA"])
+def _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    return mod.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale)
+
+
+@torch.library.register_fake("reprokernels::prefix_attention_fwd")
+def _fwd_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_ref.lse_dtype(q))
+
+
+@torch.library.impl("reprokernels::prefix_attention_bwd", ["CPU", "CUDA"])
+def _bwd(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse, causal, scale,
+         needs, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    grads = mod.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                                          kv_lengths, out, lse, causal, scale, *needs)
+    return tuple(grad_out.new_empty((0,)) if t is None else t for t in grads)
+
+
+@torch.library.register_fake("reprokernels::prefix_attention_bwd")
+def _bwd_fake(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse, causal, scale,
+              needs, backend):
+    like = (q, k, v, prefix_k, prefix_v)
+    return tuple(t.new_empty(t.shape) if need and t is not None else grad_out.new_empty((0,))
+                 for t, need in zip(like, needs, strict=True))
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
+        return torch.ops.reprokernels.prefix_attention_fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                                                           kv_lengths, causal, scale, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, ctx.causal, ctx.scale, ctx.backend = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse = ctx.saved_tensors
+        needs = [bool(ctx.needs_input_grad[i]) for i in range(5)]
+        needs[3] = needs[3] and prefix_k is not None
+        needs[4] = needs[4] and prefix_v is not None
+        grads = torch.ops.reprokernels.prefix_attention_bwd(grad_out.contiguous(), q, k, v, prefix_k, prefix_v,
+                                                            task_ids, key_padding_mask, kv_lengths, out, lse,
+                                                            ctx.causal, ctx.scale, needs, ctx.backend)
+        return (*(g if n else None for g, n in zip(grads, needs, strict=True)), None, None, None, None, None, None)
+
+
+def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Any strides are accepted; a non-unit last-dim stride is made contiguous (kernels need unit last stride)."""
+    if t is None or t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
+        return t
+    return t.contiguous()
+
+
+def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: int, what: str) -> None:
+    check_tensor(t, name)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name}: expected an integer tensor (int64/int32), got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
+    if t.numel() and not torch.compiler.is_compiling():
+        lo_v, hi_v = int(t.min()), int(t.max())
+        if lo_v < lo or hi_v > hi:
+            raise ValueError(f"{name}: expected values in [{lo}, {hi}] ({what}), got {lo_v if lo_v < lo else hi_v}")
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    *,
+    task_ids: torch.Tensor | None = None,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    kv_lengths: torch.Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over ``cat([prefix, k])`` without expanding or concatenating the prefix.
+
+    Args:
+        q: (B, Hq, Lq, d) queries (the layout of ``F.scaled_dot_product_attention``).
+        k, v: (B, Hkv, Lk, d) the sequence's own keys and values; Hq % Hkv == 0 (query head h reads kv head
+            h // (Hq // Hkv): GQA / MQA).
+        prefix_k, prefix_v: (Hkv, P, d) shared by the batch, or (T, Hkv, P, d) a table of per-task prefixes
+            chosen per row by ``task_ids`` (B,); both or neither (None: plain attention, as P = 0). Every query
+            sees all P prefix keys. They may have another floating dtype than q (e.g. float32 master weights
+            with a bf16 model); their gradient comes back in their dtype, summed over the batch (per task).
+        causal: among the sequence's own keys, bottom-right aligned: query i sees keys 0 ... Lk - Lq + i.
+        key_padding_mask: (B, Lk) bool, True = keep. Or ``kv_lengths`` (B,) int: keys >= kv_lengths[b] unseen
+            (decoding against a KV cache, Lq may be 1). Not both.
+        scale: the score multiplier, default 1 / sqrt(d).
+        return_lse: also return the (B, Hq, Lq) LSE (natural log; float32, float64 for float64 q; -inf for a
+            query that sees no key, whose output is 0). The LSE carries no gradient.
+        backend: "auto" (composite on CPU; triton on CUDA) | "reference" | "composite" | "triton".
+
+    Returns:
+        out (B, Hq, Lq, d) in q's dtype, or (out, lse). Differentiable in q, k, v, prefix_k, prefix_v.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float(t, name)
+        check_ndim(t, 4, name, "(B, H, L, d)")
+    B, Hq, _, d = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"k: expected (B={B}, Hkv, Lk, d={d}) (B and d of q), got {tuple(k.shape)}")
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k: the number of query heads Hq={Hq} must be a multiple of the kv heads Hkv={Hkv}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k/prefix_v: expected both or neither, got only "
+                         + ("prefix_k" if prefix_k is not None else "prefix_v"))
+    if prefix_k is not None:
+        check_float(prefix_k, "prefix_k")
+        check_float(prefix_v, "prefix_v")
+        check_ndim(prefix_k, (3, 4), "prefix_k", "(Hkv, P, d) or (T, Hkv, P, d)")
+        if prefix_k.shape[-3] != Hkv or prefix_k.shape[-1] != d:
+            raise ValueError(f"prefix_k: expected (Hkv={Hkv}, P, d={d}) or (T, Hkv={Hkv}, P, d={d}), "
+                             f"got {tuple(prefix_k.shape)}")
+        if prefix_v.shape != prefix_k.shape:
+            raise ValueError(f"prefix_v: expected the shape of prefix_k {tuple(prefix_k.shape)}, "
+                             f"got {tuple(prefix_v.shape)}")
+        if prefix_v.dtype != prefix_k.dtype:
+            raise TypeError(f"prefix_v: expected prefix_k's dtype {prefix_k.dtype}, got {prefix_v.dtype}")
+    if prefix_k is not None and prefix_k.dim() == 4:
+        if task_ids is None:
+            raise ValueError(f"task_ids: a (T, Hkv, P, d) prefix table needs task_ids (B={B},), got None")
+        _check_int(task_ids, "task_ids", (B,), 0, prefix_k.shape[0] - 1, "tasks of the prefix table")
+    elif task_ids is not None:
+        raise ValueError("task_ids: only used with a (T, Hkv, P, d) prefix table")
+    if key_padding_mask is not None and kv_lengths is not None:
+        raise ValueError("key_padding_mask/kv_lengths: expected at most one of them, got both")
+    if key_padding_mask is not None:
+        check_tensor(key_padding_mask, "key_padding_mask")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask: expected a bool tensor (True = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask: expected shape (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
+    if kv_lengths is not None:
+        _check_int(kv_lengths, "kv_lengths", (B,), 0, Lk, "keys of each row")
+    check_same_device(("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v),
+                      ("task_ids", task_ids), ("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths))
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    chosen = resolve_backend(OP, backend, q.device)
+    if chosen == "triton":
+        check_float(q, "q", KERNEL_DTYPES)
+        if prefix_k is not None:
+            check_float(prefix_k, "prefix_k", KERNEL_DTYPES)
+    q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
+    out, lse = PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths,
+                                             bool(causal), scale, chosen)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of two partial attentions over disjoint key sets: (o, lse).
+
+    o_a, o_b: (..., L, d), each normalised over its own keys; lse_a, lse_b: (..., L) their log-sum-exps.
+    lse = log(e^lse_a + e^lse_b), o = (e^lse_a o_a + e^lse_b o_b) / e^lse. A -inf partition gets weight 0;
+    two -inf give o = 0 and lse = -inf (no NaN, in the backward too). Differentiable in all four inputs
+    (plain PyTorch ops, so it composes with torch.compile).
+    """
+    for name, t in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
+        check_float(t, name)
+    if o_a.dim() < 1 or o_a.shape != o_b.shape:
+        raise ValueError(f"o_b: expected the shape of o_a {tuple(o_a.shape)}, got {tuple(o_b.shape)}")
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if tuple(t.shape) != tuple(o_a.shape[:-1]):
+            raise ValueError(f"{name}: expected shape {tuple(o_a.shape[:-1])} (o without its last dim), "
+                             f"got {tuple(t.shape)}")
+    check_same_device(("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b))
+    return _ref.merge_attention_states(o_a, lse_a, o_b, lse_b)
