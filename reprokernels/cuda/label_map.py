@@ -24,15 +24,13 @@ the backward's row scalar S (a (B,) vector) comes from two small torch reduction
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import _cuda
 from .._alloc import empty_output
 from ..reference.label_map import index_weights, out_dtype
+from ._launch import DTYPE_CODES, check_devices, float_code, launch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INDEX_CODES = {torch.int64: 0, torch.int32: 1}
 INPUT_CODES = {"logits": 0, "probs": 1, "log_probs": 2}
 REDUCE_CODES = {"mean": 0, "sum": 1}
@@ -46,40 +44,14 @@ MAX_CHUNKS = 65535
 _CHUNK_ALIGN = 64
 
 
-def _check_devices(emulate: bool, **tensors: torch.Tensor | None) -> None:
-    want = "cpu" if emulate else "cuda"
-    for name, t in tensors.items():
-        if t is not None and t.device.type != want:
-            how = "its host emulation (emulate=True)" if emulate else "the cuda backend"
-            raise ValueError(f"{name}: {how} needs {want} tensors, got a tensor on {t.device}")
-
-
-def _float_code(t: torch.Tensor, name: str) -> int:
-    if t.dtype not in DTYPE_CODES:
-        raise ValueError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
-    return DTYPE_CODES[t.dtype]
-
-
 def _element_aligned(t: torch.Tensor) -> torch.Tensor:
     """The kernels need element-aligned data (always true for tensors torch allocated)."""
     return t if t.data_ptr() % t.element_size() == 0 else t.contiguous()
 
 
-def _launch(fn: Callable[[object], int], p: object, kernel: str, device: torch.device, emulate: bool) -> None:
-    if emulate:
-        _cuda.check(fn(p), kernel + "_host")
-        return
-    with torch.cuda.device(device):  # the launch goes to the current device: make it the tensors'
-        _cuda.check(fn(p), kernel)
-
-
-def _entry(name: str, emulate: bool) -> Callable[[object], int]:
-    return getattr(_cuda.extension(), name + "_host" if emulate else name)
-
-
 def _base_params(logits: torch.Tensor, input: str, emulate: bool, threads: int):
     p = _cuda.extension().LabelMapParams()
-    p.x_dtype = _float_code(logits, "logits")
+    p.x_dtype = float_code(logits, "logits")
     p.B, p.K = logits.shape
     p.x = logits.data_ptr()
     p.x_sb, p.x_sk = logits.stride()
@@ -95,7 +67,7 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
 
     ``threads`` overrides the threads per block of the row kernels (a multiple of 32 up to 1024; tests use it).
     """
-    _check_devices(emulate, logits=logits, mapping=mapping)
+    check_devices(emulate, logits=logits, mapping=mapping)
     logits = _element_aligned(logits)
     mapping = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
     B, _ = logits.shape
@@ -113,11 +85,11 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
     p.out = out.data_ptr()
     p.lse = lse.data_ptr() if input != "logits" else 0
     if dense:
-        p.w_dtype = _float_code(mapping, "mapping")
+        p.w_dtype = float_code(mapping, "mapping")
         p.out_dtype = DTYPE_CODES[odt]
         p.w = mapping.data_ptr()
         p.w_sk, p.w_st = mapping.stride()
-        _launch(_entry("label_map_dense_fwd", emulate), p, "label_map_dense_fwd", dev, emulate)
+        launch("label_map_dense_fwd", p, dev, emulate)
         return out, lse
     if mapping.dtype not in INDEX_CODES:
         raise ValueError(f"mapping: the cuda backend reads int64 or int32 indices, got {mapping.dtype}")
@@ -126,7 +98,7 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
     p.map_st, p.map_sm = mapping.stride()
     p.map_dtype = INDEX_CODES[mapping.dtype]
     p.reduce = REDUCE_CODES[reduce]
-    _launch(_entry("label_map_fwd", emulate), p, "label_map_fwd", dev, emulate)
+    launch("label_map_fwd", p, dev, emulate)
     return out, lse
 
 
@@ -172,7 +144,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     need_mapping = need_mapping and dense
     if not (need_logits or need_mapping):
         return None, None
-    _check_devices(emulate, grad=grad, logits=logits, mapping=mapping, out=out, lse=lse)
+    check_devices(emulate, grad=grad, logits=logits, mapping=mapping, out=out, lse=lse)
     logits = _element_aligned(logits)
     mapping = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
     B, K = logits.shape
@@ -194,7 +166,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     dw = empty_output((K, T), mapping.dtype, dev) if need_mapping else None
 
     if dense:
-        p.w_dtype = _float_code(mapping, "mapping")
+        p.w_dtype = float_code(mapping, "mapping")
         p.w = mapping.data_ptr()
         p.w_sk, p.w_st = mapping.stride()
         if mode and need_logits:
@@ -206,7 +178,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
         p.dx = dx.data_ptr() if dx is not None else 0
         p.dw = dw.data_ptr() if dw is not None else 0
         if (dx is not None and dx.numel()) or (dw is not None and dw.numel()):
-            _launch(_entry("label_map_dense_bwd", emulate), p, "label_map_dense_bwd", dev, emulate)
+            launch("label_map_dense_bwd", p, dev, emulate)
         return dx, dw
 
     assert dx is not None
@@ -227,6 +199,6 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     keep += [esrc, etgt, ew, blk]
     p.esrc, p.etgt, p.ew, p.blk = esrc.data_ptr(), etgt.data_ptr(), ew.data_ptr(), blk.data_ptr()
     p.dx = dx.data_ptr()
-    _launch(_entry("label_map_bwd", emulate), p, "label_map_bwd", dev, emulate)
+    launch("label_map_bwd", p, dev, emulate)
     del keep
     return dx, None

@@ -26,34 +26,18 @@ enough work items in flight; a (T, P, D) table uses one chunk per task (no host 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import _cuda
 from .._alloc import empty_output
+from ._launch import DTYPE_CODES, check_devices, float_code, launch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 INDEX_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.int8: 3, torch.uint8: 4}
 
 # A single prompt's backward splits the batch into chunks only as far as needed to have about this many work
 # items in flight (each chunk costs a float32 partial of the prompt's size), and never below MIN_CHUNK samples.
 BWD_TARGET_ITEMS = 1 << 17
 MIN_CHUNK = 8
-
-
-def _check_devices(emulate: bool, **tensors: torch.Tensor | None) -> None:
-    want = "cpu" if emulate else "cuda"
-    for name, t in tensors.items():
-        if t is not None and t.device.type != want:
-            how = "its host emulation (emulate=True)" if emulate else "the cuda backend"
-            raise ValueError(f"{name}: {how} needs {want} tensors, got a tensor on {t.device}")
-
-
-def _float_code(t: torch.Tensor, name: str) -> int:
-    if t.dtype not in DTYPE_CODES:
-        raise ValueError(f"{name}: the cuda backend supports float32, float16 and bfloat16, got {t.dtype}")
-    return DTYPE_CODES[t.dtype]
 
 
 def _index(t: torch.Tensor) -> torch.Tensor:
@@ -91,19 +75,11 @@ def _set_insert_task(p, task_ids: torch.Tensor | None, insert_at: torch.Tensor |
     return task_k, insert_k
 
 
-def _launch(fn: Callable[[object], int], p: object, kernel: str, device: torch.device, emulate: bool) -> None:
-    if emulate:
-        _cuda.check(fn(p), kernel + "_host")
-        return
-    with torch.cuda.device(device):  # the launch goes to the current device: make it the tensors'
-        _cuda.check(fn(p), kernel)
-
-
 def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                        embedding_weight: torch.Tensor | None, task_ids: torch.Tensor | None,
                        insert_at: torch.Tensor | None, embed_scale: float, *, emulate: bool = False) -> torch.Tensor:
     """Fused forward: (B, P + L, D) contiguous in the token embeddings' dtype. Any input strides."""
-    _check_devices(emulate, prompt=prompt, input_ids=input_ids, inputs_embeds=inputs_embeds,
+    check_devices(emulate, prompt=prompt, input_ids=input_ids, inputs_embeds=inputs_embeds,
                    embedding_weight=embedding_weight, task_ids=task_ids, insert_at=insert_at)
     from_ids = inputs_embeds is None
     src = embedding_weight if from_ids else inputs_embeds
@@ -111,8 +87,8 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
     P, D = prompt.shape[-2], prompt.shape[-1]
     B, L = input_ids.shape if from_ids else inputs_embeds.shape[:2]
     p = _cuda.extension().SoftPromptParams()
-    p.prompt_dtype = _float_code(prompt, "prompt")
-    p.tok_dtype = _float_code(src, "embedding_weight" if from_ids else "inputs_embeds")
+    p.prompt_dtype = float_code(prompt, "prompt")
+    p.tok_dtype = float_code(src, "embedding_weight" if from_ids else "inputs_embeds")
     out = empty_output((B, P + L, D), src.dtype, src.device)
     if out.numel() == 0:
         return out
@@ -139,8 +115,7 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
     p.out = out.data_ptr()
     p.vec_out = int(_outs_vec(D, src.dtype, out))
     p.stream = 0 if emulate else _cuda.stream_of(out)
-    ext = _cuda.extension()
-    _launch(ext.soft_prompt_fwd_host if emulate else ext.soft_prompt_fwd, p, "soft_prompt_fwd", out.device, emulate)
+    launch("soft_prompt_fwd", p, out.device, emulate)
     del ids_k, task_k, insert_k  # alive until the launch was enqueued (their memory is stream-ordered)
     return out
 
@@ -166,7 +141,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     """
     if not (need_prompt or need_embeds):
         return None, None
-    _check_devices(emulate, grad=grad, prompt=prompt, task_ids=task_ids, insert_at=insert_at)
+    check_devices(emulate, grad=grad, prompt=prompt, task_ids=task_ids, insert_at=insert_at)
     B, PL, D = grad.shape
     P = PL - L
     if P != prompt.shape[-2] or D != prompt.shape[-1]:
@@ -175,7 +150,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     dev = grad.device
     grad_k = grad if grad.dtype in DTYPE_CODES else grad.to(torch.float32)
     p = _cuda.extension().SoftPromptParams()
-    p.prompt_dtype = _float_code(prompt, "prompt")
+    p.prompt_dtype = float_code(prompt, "prompt")
     p.tok_dtype = DTYPE_CODES[grad_k.dtype]
     T = prompt.shape[0] if prompt.dim() == 3 else 1
     p.B, p.L, p.P, p.D, p.T = B, L, P, D, T
@@ -210,8 +185,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     p.vec_out = int(_outs_vec(D, grad_k.dtype, dp_buf, dembeds))
     p.stream = 0 if emulate else _cuda.stream_of(grad)
     if (dp_buf is not None and dp_buf.numel()) or (dembeds is not None and dembeds.numel()):
-        ext = _cuda.extension()
-        _launch(ext.soft_prompt_bwd_host if emulate else ext.soft_prompt_bwd, p, "soft_prompt_bwd", dev, emulate)
+        launch("soft_prompt_bwd", p, dev, emulate)
     del task_k, insert_k, order, offsets  # alive until the launch was enqueued
 
     dprompt = None

@@ -22,14 +22,13 @@ kernel uses atomics, so that dx alone is not bitwise deterministic.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from .. import _cuda
+from .._alloc import empty_output
 from ..reference.visual_prompt import VPSpec
+from ._launch import DTYPE_CODES, check_devices, float_code, launch
 
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 SQUASH_CODES = {"none": 0, "sigmoid": 1, "tanh": 2}
 ORDER_CODES = {"pre_norm": 0, "post_norm": 1}
 RESIZE_CODES = {"none": 0, "nearest": 1, "bilinear": 2}
@@ -40,22 +39,12 @@ RESIZE_CODES = {"none": 0, "nearest": 1, "bilinear": 2}
 BWD_TARGET_ITEMS = 1 << 18
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer a kernel writes is allocated here (tests replace it to poison them with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _check_inputs(emulate: bool, **tensors: torch.Tensor | None) -> None:
     """Every tensor on a CUDA device (or, emulating, on the CPU); x in a kernel dtype."""
-    want = "cpu" if emulate else "cuda"
-    for name, t in tensors.items():
-        if t is not None and t.device.type != want:
-            how = "its host emulation (emulate=True)" if emulate else "the cuda backend"
-            raise ValueError(f"{name}: {how} needs {want} tensors, got a tensor on {t.device}")
+    check_devices(emulate, **tensors)
     x = tensors["x"]
     assert x is not None
-    if x.dtype not in DTYPE_CODES:
-        raise ValueError(f"x: the cuda backend supports float32, float16 and bfloat16, got {x.dtype}")
+    float_code(x, "x")
     if x.dim() != 4:
         raise ValueError(f"x: expected (B, C, h, w), got shape {tuple(x.shape)}")
 
@@ -116,29 +105,20 @@ def _params(x: torch.Tensor, delta: torch.Tensor, mask4: torch.Tensor | None, me
     return p
 
 
-def _launch(fn: Callable[[object], int], p: object, kernel: str, x: torch.Tensor, emulate: bool) -> None:
-    if emulate:
-        _cuda.check(fn(p), kernel + "_host")
-        return
-    with torch.cuda.device(x.device):  # the launch goes to the current device: make it x's
-        _cuda.check(fn(p), kernel)
-
-
 def visual_prompt(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None, mean: torch.Tensor | None,
                   std: torch.Tensor | None, spec: VPSpec, *, emulate: bool = False) -> torch.Tensor:
     """Forward. x (B, C, h, w) any strides; delta (C, H, W) | (B, C, H, W); mask None | (Bm, Cm, H', W') (2-4 dims);
     mean/std None | (C,). Returns (B, C, H, W) contiguous in x's dtype."""
     _check_inputs(emulate, x=x, delta=delta, mask=mask, mean=mean, std=std)
     B, C = x.shape[:2]
-    out = _empty((B, C, spec.H, spec.W), x.dtype, x.device)
+    out = empty_output((B, C, spec.H, spec.W), x.dtype, x.device)
     if out.numel() == 0:
         return out
     delta_k, mask4 = _kernel_delta(delta, x), _kernel_mask(mask)
     mean_k, std_k = _channel(mean, x), _channel(std, x)
     p = _params(x, delta_k, mask4, mean_k, std_k, spec, emulate)
     p.out = out.data_ptr()
-    ext = _cuda.extension()
-    _launch(ext.visual_prompt_fwd_host if emulate else ext.visual_prompt_fwd, p, "visual_prompt_fwd", x, emulate)
+    launch("visual_prompt_fwd", p, x.device, emulate)
     return out
 
 
@@ -224,28 +204,27 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
 
     dx_buf = dd_buf = dm_buf = None
     if need_x:  # every x element (or placed-image element) is written by the kernel
-        dx_buf = _empty((B, C, h2, w2), f32, dev) if spec.resize_mode != "none" else _empty((B, C, h, w), x.dtype, dev)
+        dx_buf = (empty_output((B, C, h2, w2), f32, dev) if spec.resize_mode != "none"
+                  else empty_output((B, C, h, w), x.dtype, dev))
         p.dx = dx_buf.data_ptr()
     if need_delta:
         if delta.dim() == 4:
-            dd_buf = _empty((B, C, H, W), delta_k.dtype, dev)
+            dd_buf = empty_output((B, C, H, W), delta_k.dtype, dev)
         elif nchunks == 1:
-            dd_buf = _empty((C, H, W), delta_k.dtype, dev)
+            dd_buf = empty_output((C, H, W), delta_k.dtype, dev)
         else:  # one float32 partial per chunk (none when B == 0: the sum is then 0)
-            dd_buf = _empty((nchunks, C, H, W), f32, dev)
+            dd_buf = empty_output((nchunks, C, H, W), f32, dev)
         p.ddelta = dd_buf.data_ptr()
     if need_mask:
         assert mask4 is not None
         Bm, Cm, Hm, Wm = mask4.shape
         # float32 partials: per tile of a window, and per chunk too when the mask is shared by the batch
         shape = (nsplit, Bm, Cm, Hm, Wm) if Bm != 1 else (nchunks * nsplit, Cm, Hm, Wm)
-        dm_buf = _empty(shape, f32, dev)
+        dm_buf = empty_output(shape, f32, dev)
         p.dmask = dm_buf.data_ptr()
 
     if nchunks > 0 and C > 0:
-        ext = _cuda.extension()
-        _launch(ext.visual_prompt_bwd_host if emulate else ext.visual_prompt_bwd, p, "visual_prompt_bwd", x,
-                emulate)
+        launch("visual_prompt_bwd", p, x.device, emulate)
     else:  # no work item ran (B == 0 or C == 0): every gradient is zero
         for buf in (dx_buf, dd_buf, dm_buf):
             if buf is not None:
