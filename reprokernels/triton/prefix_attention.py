@@ -1,0 +1,631 @@
+"""Triton kernels of ``prefix_attention``: attention over [prefix keys ; the sequence's own keys] without
+ever materialising the concatenation or a batch-expanded prefix.
+
+Semantics (DESIGN.md): every query sees all P prefix keys; among the sequence's own Lk keys ``causal`` is
+bottom-right aligned (query i of Lq sees keys j <= Lk - Lq + i); keys dropped by ``key_padding_mask``
+(True = keep) or at/after ``kv_lengths[b]`` are never seen (these conditions intersect: causal alignment is
+always relative to Lk). A query that sees nothing gets O = 0 and LSE = -inf, never NaN. LSE is natural-log
+float32. GQA/MQA: query head h reads kv head h // (Hq // Hkv).
+
+Forward (``_pa_fwd_kernel``), grid (cdiv(Lq, BLOCK_M), B * Hq): a program owns one (batch, q head, query
+block). It keeps its Q tile in registers, streams the prefix blocks of its row's task straight from the
+un-batched (Hkv, P, d) / (T, Hkv, P, d) prefix tensor, then the sequence blocks up to the last key any of its
+queries can see (causal bound and kv_lengths cut the loop; the padding mask is applied per key), with an
+online softmax in the log2 domain and float32 accumulators; writes O once (input dtype) and the LSE.
+
+Decode (``use_decode_path``: kv_lengths given, Lq <= DECODE_MAX_LQ = 16, P > 0), forward only:
+  1. ``_pa_prefix_state_kernel``, grid (cdiv(B * G * Lq, BLOCK_M), T * Hkv): the prefix attention of all queries
+     that read one (task, kv head) -- M packs (row of the task, head of the GQA group, query) -- as one tiled
+     GEMM, so the prefix is read once per BLOCK_M queries instead of once per (row, head). It stores the
+     unnormalised online-softmax state (m, l, acc) in float32 (B * Hq * Lq * (d + 2) floats, no B * P * d).
+  2. ``_pa_fwd_kernel`` with HAS_INIT and P = 0 continues that state over each row's own keys (up to
+     kv_lengths[b]) and normalises: the merge is the online softmax itself, no separate merge pass.
+  Not done (yet): split-K over long own caches, and packing the GQA group into the M tile of pass 2 (own keys
+  are re-read once per q head of the group, from L2 on a GPU). The backward is the same for both paths.
+
+Backward, FlashAttention-2 style, everything recomputed from the saved LSE:
+  1. ``_pa_bwd_pre_kernel``: delta = rowsum(dO * O) in float32, (B, Hq, Lq).
+  2. ``_pa_bwd_dkdv_kernel`` with IS_PREFIX=False, grid (cdiv(Lk, BLOCK_N), B * Hkv): a program owns one block
+     of sequence keys of one (batch, kv head), loops over the Hq // Hkv query heads of its group (the GQA sum
+     happens in registers) and the query blocks that can see its keys, writes dk, dv once.
+  3. ``_pa_bwd_dq_kernel``, grid (cdiv(Lq, BLOCK_M), B * Hq): the mirror of the forward loop, writes dq once.
+  4. ``_pa_bwd_dkdv_kernel`` with IS_PREFIX=True, grid (cdiv(P, BLOCK_N), T * Hkv): a program owns one block of
+     prefix keys of one (task, kv head) and iterates that task's batch rows in increasing row order (a stable
+     argsort of task_ids + per-task offsets), the group's query heads and all query blocks: the reduction over
+     the batch and over the GQA group is a fixed-order float32 sum in registers -- deterministic, no atomics,
+     and no (B, P, d) partials are ever allocated.
+
+Precision: tl.dot always gets ``input_precision="ieee"`` (float32 inputs stay exact on GPUs that default to
+TF32); float16/bfloat16 tiles feed the dot in their dtype with float32 accumulation, P and dS are cast to the
+value dtype before their dots (as in FlashAttention). Under TRITON_INTERPRET=1 bfloat16 dots are wrong, so
+there (UPCAST) tiles are converted to float32 first.
+
+Head dims: SUPPORTED_HEAD_DIMS; a non-power-of-2 d runs on a padded BLOCK_D with masked loads/stores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty_output
+
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+_LOG2E = 1.4426950408889634
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def _load_tile(base, rows, cols, s_r, s_c, n_rows, n_cols, UPCAST: tl.constexpr):
+    """(len(rows), len(cols)) tile, zeros outside [0, n_rows) x [0, n_cols)."""
+    ptrs = base + rows.to(tl.int64)[:, None] * s_r + cols[None, :] * s_c
+    t = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM: tl.constexpr):
+    """(BLOCK_N,) mask of the sequence keys n that exist and are not padded (kv_lengths folded into kvlen)."""
+    ok = (n < Lk) & (n < kvlen)
+    if HAS_KPM:
+        keep = tl.load(kpm_ptr + b * s_mb + n.to(tl.int64) * s_mn, mask=n < Lk, other=0)
+        ok = ok & (keep != 0)
+    return ok
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale):
+    """One online-softmax step over a key block: scores in the log2 domain, masked keys at -inf. A row that has
+    seen nothing yet keeps m = -inf and is rescaled against 0 instead (exp2(-inf - -inf) would be NaN)."""
+    s = tl.dot(q, kT, input_precision="ieee") * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return acc, m_new, l_i
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _pa_fwd_kernel(
+    o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, task_ptr, kpm_ptr, kvlen_ptr, st_m_ptr, st_l_ptr, st_acc_ptr,
+    Hq, G, Lq, Lk, P, D, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_pkt, s_pkh, s_pkn, s_pkd,
+    s_pvt, s_pvh, s_pvn, s_pvd,
+    s_mb, s_mn,
+    CAUSAL: tl.constexpr, HAS_TASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """HAS_INIT (the decode path): start from the prefix's online-softmax state (m, l, acc) computed by
+    _pa_prefix_state_kernel instead of the prefix loop (the launcher passes P = 0)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // G
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_tile(q_ptr + b * s_qb + h * s_qh, m, offs_d, s_qm, s_qd, Lq, D, UPCAST)
+    if HAS_INIT:
+        srow = bh * Lq + m
+        m_i = tl.load(st_m_ptr + srow, mask=m < Lq, other=float("-inf"))
+        l_i = tl.load(st_l_ptr + srow, mask=m < Lq, other=0.0)
+        acc = _load_tile(st_acc_ptr, srow, offs_d, D, 1, bh * Lq + Lq, D, True)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+
+    # 1. the prefix, read from the un-batched tensor of this row's task
+    if HAS_TASK:
+        t = tl.load(task_ptr + b).to(tl.int64)
+    else:
+        t = 0
+    pk_base = pk_ptr + t * s_pkt + kvh * s_pkh
+    pv_base = pv_ptr + t * s_pvt + kvh * s_pvh
+    for n0 in range(0, P, BLOCK_N):
+        n = n0 + offs_n
+        kT = tl.trans(_load_tile(pk_base, n, offs_d, s_pkn, s_pkd, P, D, UPCAST))
+        v = _load_tile(pv_base, n, offs_d, s_pvn, s_pvd, P, D, UPCAST)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, (n < P)[None, :], qk_scale)
+
+    # 2. the sequence's own keys, up to the last one a query of this block can see
+    if HAS_KVLEN:
+        kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
+    else:
+        kvlen = tl.cast(Lk, tl.int32)
+    n_end = kvlen
+    diag = Lk - Lq  # query i sees sequence key j iff j <= i + diag (when causal)
+    if CAUSAL:
+        n_end = tl.minimum(n_end, diag + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq))
+    k_base = k_ptr + b * s_kb + kvh * s_kh
+    v_base = v_ptr + b * s_vb + kvh * s_vh
+    for n0 in range(0, n_end, BLOCK_N):
+        n = n0 + offs_n
+        valid = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= m[:, None] + diag)
+        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, Lk, D, UPCAST))
+        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, Lk, D, UPCAST)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row = bh * Lq + m
+    tl.store(o_ptr + row.to(tl.int64)[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=(m < Lq)[:, None] & (offs_d < D)[None, :])
+    tl.store(lse_ptr + row, lse, mask=m < Lq)
+
+
+
+@triton.jit
+def _pa_prefix_state_kernel(
+    st_m_ptr, st_l_ptr, st_acc_ptr, q_ptr, pk_ptr, pv_ptr, order_ptr, off_ptr,
+    Hq, Hkv, G, Lq, P, D, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_pkt, s_pkh, s_pkn, s_pkd,
+    s_pvt, s_pvh, s_pvn, s_pvd,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Decode stage 1: the prefix attention of every query that reads prefix (task, kv head) as one tiled GEMM.
+    The M dimension packs (batch row of the task, head of the GQA group, query) so a block of BLOCK_M queries
+    from many rows shares each prefix tile: the prefix is read cdiv(rows * G * Lq, BLOCK_M) times per task and
+    kv head instead of once per (row, head). Writes the unnormalised online-softmax state (m in log2 units,
+    l, acc) of each query, which the sequence pass continues."""
+    pid = tl.program_id(0)
+    th = tl.program_id(1).to(tl.int64)
+    t = th // Hkv
+    kvh = th % Hkv
+    r0 = tl.load(off_ptr + t)
+    r1 = tl.load(off_ptr + t + 1)
+    GL = G * Lq
+    nq = (r1 - r0) * GL
+    r = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < nq
+    row = r // GL
+    rem = r % GL
+    g = rem // Lq
+    i = rem % Lq
+    b = tl.load(order_ptr + r0 + row, mask=rmask, other=0).to(tl.int64)
+    h = kvh * G + g
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = (offs_d < D)[None, :]
+    q = tl.load(q_ptr + (b * s_qb + h * s_qh + i * s_qm)[:, None] + offs_d[None, :] * s_qd,
+                mask=rmask[:, None] & dmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    n_hi = tl.where(pid * BLOCK_M < nq, P, 0)  # programs past this task's queries do nothing
+    pk_base = pk_ptr + t * s_pkt + kvh * s_pkh
+    pv_base = pv_ptr + t * s_pvt + kvh * s_pvh
+    for n0 in range(0, n_hi, BLOCK_N):
+        n = n0 + offs_n
+        kT = tl.trans(_load_tile(pk_base, n, offs_d, s_pkn, s_pkd, P, D, UPCAST))
+        v = _load_tile(pv_base, n, offs_d, s_pvn, s_pvd, P, D, UPCAST)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, (n < P)[None, :], qk_scale)
+    srow = (b * Hq + h) * Lq + i
+    tl.store(st_m_ptr + srow, m_i, mask=rmask)
+    tl.store(st_l_ptr + srow, l_i, mask=rmask)
+    tl.store(st_acc_ptr + srow[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None] & dmask)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+@triton.jit
+def _pa_bwd_pre_kernel(
+    delta_ptr, o_ptr, do_ptr, Hq, Lq, D,
+    s_ob, s_oh, s_om, s_od, s_gb, s_gh, s_gm, s_gd,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(o_ptr + b * s_ob + h * s_oh, m, offs_d, s_om, s_od, Lq, D, True)
+    do = _load_tile(do_ptr + b * s_gb + h * s_gh, m, offs_d, s_gm, s_gd, Lq, D, True)
+    tl.store(delta_ptr + bh * Lq + m, tl.sum(o * do, 1), mask=m < Lq)
+
+
+@triton.jit
+def _bwd_kv_rows(
+    dk, dv, k, v, key_ok, n, q_ptr, do_ptr, lse_ptr, delta_ptr,
+    b, h, Hq, Lq, D, diag, m_start, qk_scale,
+    s_qb, s_qh, s_qm, s_qd, s_gb, s_gh, s_gm, s_gd,
+    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Accumulate into (dk, dv) of one key block (k, v: (BLOCK_N, BLOCK_D)) the contribution of the queries
+    m_start.. of (batch b, q head h). Works transposed (keys as rows) so no tile is transposed in the loop."""
+    offs_d = tl.arange(0, BLOCK_D)
+    q_base = q_ptr + b * s_qb + h * s_qh
+    do_base = do_ptr + b * s_gb + h * s_gh
+    row0 = (b * Hq + h) * Lq
+    for m0 in range(m_start, Lq, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, m, offs_d, s_qm, s_qd, Lq, D, UPCAST)
+        do = _load_tile(do_base, m, offs_d, s_gm, s_gd, Lq, D, UPCAST)
+        lse = tl.load(lse_ptr + row0 + m, mask=m < Lq, other=0.0)
+        # a query that saw nothing (LSE -inf) sees none of these keys either: push its probabilities to 0
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        delta = tl.load(delta_ptr + row0 + m, mask=m < Lq, other=0.0)
+        valid = key_ok[:, None] & (m < Lq)[None, :]
+        if CAUSAL:
+            valid = valid & (n[:, None] <= m[None, :] + diag)
+        sT = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
+        pT = tl.where(valid, tl.exp2(sT - lse2[None, :]), 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision="ieee")
+        dpT = tl.dot(v, tl.trans(do), input_precision="ieee")
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision="ieee")
+    return dk, dv
+
+
+@triton.jit
+def _pa_bwd_dkdv_kernel(
+    dk_ptr, dv_ptr, q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, order_ptr, off_ptr, kpm_ptr, kvlen_ptr,
+    Hq, Hkv, G, Lq, Lk, NK, D, scale, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_gb, s_gh, s_gm, s_gd,
+    s_mb, s_mn,
+    IS_PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """IS_PREFIX: keys are the NK = P prefix keys of (task, kv head) = divmod(program_id(1), Hkv), k/v strides
+    are the prefix's (task, head, key, d), and the batch rows of the task come from order[off[t]:off[t+1]].
+    Otherwise: keys are the NK = Lk sequence keys of (batch, kv head) = divmod(program_id(1), Hkv)."""
+    pid_n = tl.program_id(0)
+    xh = tl.program_id(1).to(tl.int64)
+    x = xh // Hkv  # the task (prefix) or the batch row (sequence)
+    kvh = xh % Hkv
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(k_ptr + x * s_kb + kvh * s_kh, n, offs_d, s_kn, s_kd, NK, D, UPCAST)
+    v = _load_tile(v_ptr + x * s_vb + kvh * s_vh, n, offs_d, s_vn, s_vd, NK, D, UPCAST)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if IS_PREFIX:
+        key_ok = n < NK
+        r0 = tl.load(off_ptr + x)
+        r1 = tl.load(off_ptr + x + 1)
+        for r in range(r0, r1):  # this task's rows in increasing row order: a fixed summation order
+            b = tl.load(order_ptr + r).to(tl.int64)
+            for g in range(0, G):
+                dk, dv = _bwd_kv_rows(dk, dv, k, v, key_ok, n, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                                      b, kvh * G + g, Hq, Lq, D, 0, 0, qk_scale,
+                                      s_qb, s_qh, s_qm, s_qd, s_gb, s_gh, s_gm, s_gd,
+                                      False, UPCAST, BLOCK_M, BLOCK_D)
+    else:
+        b = x
+        if HAS_KVLEN:
+            kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
+        else:
+            kvlen = tl.cast(Lk, tl.int32)
+        key_ok = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)
+        diag = Lk - Lq
+        if CAUSAL:  # the first query that sees key n0 is n0 - diag
+            m_start = (tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M) * BLOCK_M
+        else:
+            m_start = tl.cast(0, tl.int32)
+        # a block wholly past kv_lengths[b] skips the loop: its gradient is 0
+        m_start = tl.where(pid_n * BLOCK_N >= kvlen, Lq, m_start)
+        for g in range(0, G):
+            dk, dv = _bwd_kv_rows(dk, dv, k, v, key_ok, n, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                                  b, kvh * G + g, Hq, Lq, D, diag, m_start, qk_scale,
+                                  s_qb, s_qh, s_qm, s_qd, s_gb, s_gh, s_gm, s_gd,
+                                  CAUSAL, UPCAST, BLOCK_M, BLOCK_D)
+    out_rows = (xh * NK + n).to(tl.int64)
+    omask = (n < NK)[:, None] & (offs_d < D)[None, :]
+    tl.store(dk_ptr + out_rows[:, None] * D + offs_d[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=omask)
+    tl.store(dv_ptr + out_rows[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, valid, qk_scale):
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+
+
+@triton.jit
+def _pa_bwd_dq_kernel(
+    dq_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, do_ptr, lse_ptr, delta_ptr, task_ptr, kpm_ptr, kvlen_ptr,
+    Hq, G, Lq, Lk, P, D, scale, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_pkt, s_pkh, s_pkn, s_pkd,
+    s_pvt, s_pvh, s_pvn, s_pvd,
+    s_gb, s_gh, s_gm, s_gd,
+    s_mb, s_mn,
+    CAUSAL: tl.constexpr, HAS_TASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    kvh = h // G
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(q_ptr + b * s_qb + h * s_qh, m, offs_d, s_qm, s_qd, Lq, D, UPCAST)
+    do = _load_tile(do_ptr + b * s_gb + h * s_gh, m, offs_d, s_gm, s_gd, Lq, D, UPCAST)
+    lse = tl.load(lse_ptr + bh * Lq + m, mask=m < Lq, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(delta_ptr + bh * Lq + m, mask=m < Lq, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+
+    if HAS_TASK:
+        t = tl.load(task_ptr + b).to(tl.int64)
+    else:
+        t = 0
+    pk_base = pk_ptr + t * s_pkt + kvh * s_pkh
+    pv_base = pv_ptr + t * s_pvt + kvh * s_pvh
+    for n0 in range(0, P, BLOCK_N):
+        n = n0 + offs_n
+        k = _load_tile(pk_base, n, offs_d, s_pkn, s_pkd, P, D, UPCAST)
+        v = _load_tile(pv_base, n, offs_d, s_pvn, s_pvd, P, D, UPCAST)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, (n < P)[None, :], qk_scale)
+
+    if HAS_KVLEN:
+        kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
+    else:
+        kvlen = tl.cast(Lk, tl.int32)
+    n_end = kvlen
+    diag = Lk - Lq
+    if CAUSAL:
+        n_end = tl.minimum(n_end, diag + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Lq))
+    k_base = k_ptr + b * s_kb + kvh * s_kh
+    v_base = v_ptr + b * s_vb + kvh * s_vh
+    for n0 in range(0, n_end, BLOCK_N):
+        n = n0 + offs_n
+        valid = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= m[:, None] + diag)
+        k = _load_tile(k_base, n, offs_d, s_kn, s_kd, Lk, D, UPCAST)
+        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, Lk, D, UPCAST)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, valid, qk_scale)
+
+    row = bh * Lq + m
+    tl.store(dq_ptr + row.to(tl.int64)[:, None] * D + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=(m < Lq)[:, None] & (offs_d < D)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_head_dim(d: int) -> int:
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"prefix_attention (triton backend): head dim d={d} is not supported; "
+                         f"supported head dims are {SUPPORTED_HEAD_DIMS}")
+    return triton.next_power_of_2(d)
+
+
+DECODE_MAX_LQ = 16
+
+
+def use_decode_path(Lq: int, P: int, kv_lengths: torch.Tensor | None) -> bool:
+    """The decode-specialised forward (shared-prefix GEMM stage, then the sequence pass from its state): a KV-cache
+    call (kv_lengths given) with few queries per row and a prefix to share."""
+    return kv_lengths is not None and Lq <= DECODE_MAX_LQ and P > 0
+
+
+def _fwd_config(block_d: int, decode_lq: int | None = None) -> dict:
+    if _interpret():  # small tiles: cheap in the interpreter, and the tests cross several blocks
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+    if decode_lq is not None:  # one query tile per row: the smallest tl.dot tile, long key blocks
+        return dict(BLOCK_M=16, BLOCK_N=128 if block_d <= 128 else 64, num_warps=4, num_stages=3)
+    if block_d <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if block_d <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _bwd_config(block_d: int) -> tuple[dict, dict]:
+    """(dk/dv kernel config, dq kernel config)."""
+    if _interpret():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1), dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+    if block_d <= 128:
+        return (dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))
+    return (dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1),
+            dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1))
+
+
+def _upcast(*tensors: torch.Tensor | None) -> bool:
+    """Convert tiles to float32 before the dots: float32 inputs, mixed input dtypes (the op layer may allow a
+    float32 prefix with float16 activations), or bfloat16 under the interpreter (its bf16 dots are wrong)."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    return (torch.float32 in dtypes or len(dtypes) > 1) or (torch.bfloat16 in dtypes and _interpret())
+
+
+def _prefix_args(prefix: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """(tensor, (task, head, key, d) strides) of a (Hkv, P, d) / (T, Hkv, P, d) prefix; task stride 0 if shared."""
+    if prefix is None:
+        return dummy, (0, 0, 0, 0)
+    if prefix.dim() == 3:
+        return prefix, (0, *prefix.stride())
+    return prefix, tuple(prefix.stride())
+
+
+def _mask_args(key_padding_mask: torch.Tensor | None, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    if key_padding_mask is None:
+        return dummy, 0, 0
+    kpm = key_padding_mask.view(torch.uint8) if key_padding_mask.dtype == torch.bool else key_padding_mask
+    return kpm, kpm.stride(0), kpm.stride(1)
+
+
+def _num_prefix(prefix_k: torch.Tensor | None) -> int:
+    return 0 if prefix_k is None else prefix_k.shape[-2]
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor | None,
+                     prefix_v: torch.Tensor | None, task_ids: torch.Tensor | None,
+                     key_padding_mask: torch.Tensor | None, kv_lengths: torch.Tensor | None, causal: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: (out (B, Hq, Lq, d) contiguous in q's dtype, lse (B, Hq, Lq) float32, -inf where a query
+    sees nothing). Inputs are validated by the op layer; here only the head dim is checked."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    block_d = _check_head_dim(D)
+    P = _num_prefix(prefix_k)
+    out = empty_output((B, Hq, Lq, D), q.dtype, q.device)
+    lse = empty_output((B, Hq, Lq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    pk, s_pk = _prefix_args(prefix_k, q)
+    pv, s_pv = _prefix_args(prefix_v, q)
+    kpm, s_mb, s_mn = _mask_args(key_padding_mask, q)
+    G = Hq // Hkv
+    qk_scale = float(scale) * _LOG2E
+    upcast = _upcast(q, k, v, prefix_k, prefix_v)
+    st_m = st_l = st_acc = q
+    decode = use_decode_path(Lq, P, kv_lengths)
+    if decode:  # stage 1: the prefix part of every query of a (task, kv head) as one tiled GEMM
+        T = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
+        order, offsets = _task_rows(task_ids, B, T, q.device)
+        st_m = empty_output((B, Hq, Lq), torch.float32, q.device)
+        st_l = empty_output((B, Hq, Lq), torch.float32, q.device)
+        st_acc = empty_output((B, Hq, Lq, D), torch.float32, q.device)
+        cfg1 = _fwd_config(block_d)
+        grid1 = (triton.cdiv(B * G * Lq, cfg1["BLOCK_M"]), T * Hkv)
+        _pa_prefix_state_kernel[grid1](
+            st_m, st_l, st_acc, q, pk, pv, order, offsets, Hq, Hkv, G, Lq, P, D, qk_scale,
+            *q.stride(), *s_pk, *s_pv, UPCAST=upcast, BLOCK_D=block_d, **cfg1,
+        )
+    cfg = _fwd_config(block_d, Lq if decode else None)
+    grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * Hq)
+    _pa_fwd_kernel[grid](
+        out, lse, q, k, v, pk, pv,
+        task_ids if task_ids is not None else q, kpm, kv_lengths if kv_lengths is not None else q,
+        st_m, st_l, st_acc,
+        Hq, G, Lq, Lk, 0 if decode else P, D, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(), *s_pk, *s_pv, s_mb, s_mn,
+        CAUSAL=bool(causal), HAS_TASK=task_ids is not None, HAS_KPM=key_padding_mask is not None,
+        HAS_KVLEN=kv_lengths is not None, HAS_INIT=decode, UPCAST=upcast, BLOCK_D=block_d, **cfg,
+    )
+    return out, lse
+
+
+def _task_rows(task_ids: torch.Tensor | None, B: int, T: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows grouped by task, stable within a task, (T + 1,) offsets into them)."""
+    if task_ids is None:
+        return torch.arange(B, dtype=torch.int64, device=device), torch.tensor([0, B], dtype=torch.int64,
+                                                                               device=device)
+    tid = task_ids.long()
+    order = torch.argsort(tid, stable=True)
+    offsets = torch.zeros(T + 1, dtype=torch.int64, device=device)
+    offsets[1:] = torch.cumsum(torch.bincount(tid, minlength=T), 0)
+    return order, offsets
+
+
+def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+                              task_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                              kv_lengths: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, causal: bool,
+                              scale: float, need_q: bool, need_k: bool, need_v: bool, need_pk: bool,
+                              need_pv: bool) -> tuple[torch.Tensor | None, ...]:
+    """Fused backward: (dq, dk, dv, d prefix_k, d prefix_v) in their inputs' dtypes and shapes (contiguous),
+    each None when not needed (the prefix grads also when there is no prefix). Prefix grads are summed over the
+    batch rows of each task in a fixed order (deterministic)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    block_d = _check_head_dim(D)
+    P = _num_prefix(prefix_k)
+    dev = q.device
+    need_pk = need_pk and prefix_k is not None
+    need_pv = need_pv and prefix_v is not None
+    dq = empty_output((B, Hq, Lq, D), q.dtype, dev) if need_q else None
+    dk = empty_output((B, Hkv, Lk, D), k.dtype, dev) if need_k else None
+    dv = empty_output((B, Hkv, Lk, D), v.dtype, dev) if need_v else None
+    dpk = empty_output(tuple(prefix_k.shape), prefix_k.dtype, dev) if need_pk else None
+    dpv = empty_output(tuple(prefix_v.shape), prefix_v.dtype, dev) if need_pv else None
+
+    upcast = _upcast(q, k, v, prefix_k, prefix_v)
+    kpm, s_mb, s_mn = _mask_args(key_padding_mask, q)
+    kvl = kv_lengths if kv_lengths is not None else q
+    flags = dict(HAS_KPM=key_padding_mask is not None, HAS_KVLEN=kv_lengths is not None, UPCAST=upcast,
+                 BLOCK_D=block_d)
+    qk_scale = float(scale) * _LOG2E
+    cfg_kv, cfg_q = _bwd_config(block_d)
+
+    delta = empty_output((B, Hq, Lq), torch.float32, dev)
+    if delta.numel():
+        bm = 16 if _interpret() else 64
+        _pa_bwd_pre_kernel[(triton.cdiv(Lq, bm), B * Hq)](delta, out, grad_out, Hq, Lq, D, *out.stride(),
+                                                          *grad_out.stride(), BLOCK_M=bm, BLOCK_D=block_d)
+
+    if (need_k or need_v) and B * Hkv * Lk:
+        # dk and dv come out of the same loop; an unneeded one goes to a scratch buffer
+        dk_buf = dk if dk is not None else torch.empty((B, Hkv, Lk, D), dtype=k.dtype, device=dev)
+        dv_buf = dv if dv is not None else torch.empty((B, Hkv, Lk, D), dtype=v.dtype, device=dev)
+        grid = (triton.cdiv(Lk, cfg_kv["BLOCK_N"]), B * Hkv)
+        _pa_bwd_dkdv_kernel[grid](
+            dk_buf, dv_buf, q, k, v, grad_out, lse, delta, q, q, kpm, kvl,
+            Hq, Hkv, G, Lq, Lk, Lk, D, float(scale), qk_scale,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), s_mb, s_mn,
+            IS_PREFIX=False, CAUSAL=bool(causal), **flags, **cfg_kv,
+        )
+
+    if need_q and dq.numel():
+        pk, s_pk = _prefix_args(prefix_k, q)
+        pv, s_pv = _prefix_args(prefix_v, q)
+        grid = (triton.cdiv(Lq, cfg_q["BLOCK_M"]), B * Hq)
+        _pa_bwd_dq_kernel[grid](
+            dq, q, k, v, pk, pv, grad_out, lse, delta, task_ids if task_ids is not None else q, kpm, kvl,
+            Hq, G, Lq, Lk, P, D, float(scale), qk_scale,
+            *q.stride(), *k.stride(), *v.stride(), *s_pk, *s_pv, *grad_out.stride(), s_mb, s_mn,
+            CAUSAL=bool(causal), HAS_TASK=task_ids is not None, **flags, **cfg_q,
+        )
+
+    if (need_pk or need_pv) and Hkv * P:
+        T = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
+        order, offsets = _task_rows(task_ids, B, T, dev)
+        shape = tuple(prefix_k.shape)
+        dpk_buf = dpk if dpk is not None else torch.empty(shape, dtype=prefix_k.dtype, device=dev)
+        dpv_buf = dpv if dpv is not None else torch.empty(shape, dtype=prefix_v.dtype, device=dev)
+        _, s_pk = _prefix_args(prefix_k, q)
+        _, s_pv = _prefix_args(prefix_v, q)
+        grid = (triton.cdiv(P, cfg_kv["BLOCK_N"]), T * Hkv)
+        _pa_bwd_dkdv_kernel[grid](
+            dpk_buf, dpv_buf, q, prefix_k, prefix_v, grad_out, lse, delta, order, offsets, kpm, kvl,
+            Hq, Hkv, G, Lq, Lk, P, D, float(scale), qk_scale,
+            *q.stride(), *s_pk, *s_pv, *grad_out.stride(), s_mb, s_mn,
+            IS_PREFIX=True, CAUSAL=False, **flags, **cfg_kv,
+        )
+    return dq, dk, dv, dpk, dpv

@@ -1,0 +1,306 @@
+"""The fused Triton backend of prefix_attention against a local float64 oracle (under TRITON_INTERPRET=1 on CPU).
+
+The oracle is deliberately the naive formulation: expand / gather the prefix to the batch, concatenate it
+before the sequence's keys, repeat kv heads for GQA, build the explicit boolean mask (prefix always visible,
+bottom-right causal, padding mask, kv_lengths), softmax in float64 with rows that see nothing set to 0, and
+autograd for all five gradients. Shapes stay small: the interpreter runs one program after another.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from reprokernels import _alloc
+
+from .utils import assert_close
+
+pa = pytest.importorskip("reprokernels.triton.prefix_attention")
+
+HEADS = ((1, 1), (4, 2), (8, 1))
+odd_len = st.integers(min_value=0, max_value=19).map(lambda i: 2 * i + 1)  # 1, 3, ..., 39
+
+
+def oracle(q, k, v, pk, pv, task_ids, kpm, kvl, causal, scale):
+    """(out, lse) in float64, differentiable w.r.t. every floating input."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if pk is None:
+        P = 0
+        PK = PV = torch.zeros((B, Hkv, 0, D), dtype=torch.float64)
+    else:
+        P = pk.shape[-2]
+        if pk.dim() == 3:
+            PK, PV = pk.double().expand(B, -1, -1, -1), pv.double().expand(B, -1, -1, -1)
+        else:
+            PK, PV = pk.double()[task_ids], pv.double()[task_ids]
+    G = Hq // Hkv
+    K = torch.cat([PK, k.double()], 2).repeat_interleave(G, 1)
+    V = torch.cat([PV, v.double()], 2).repeat_interleave(G, 1)
+    i = torch.arange(Lq)[:, None]
+    j = torch.arange(Lk)[None, :]
+    seen = torch.ones((B, 1, Lq, Lk), dtype=torch.bool)
+    if causal:
+        seen = seen & (j <= Lk - Lq + i)
+    if kpm is not None:
+        seen = seen & kpm[:, None, None, :]
+    if kvl is not None:
+        seen = seen & (j[None, None] < kvl[:, None, None, None])
+    mask = torch.cat([torch.ones((B, 1, Lq, P), dtype=torch.bool), seen], -1)
+    s = (q.double() @ K.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.where(mask, torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None]), 0.0)
+    return p @ V, lse
+
+
+def make_case(B, Hq, Hkv, Lq, Lk, P, D, *, prefix="shared", T=3, padding="none", dtype=torch.float32,
+              strided=False, gen=None):
+    g = gen or torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g).to(dtype)
+
+    if strided:  # (B, L, H, d) storage seen as (B, H, L, d): the layout of a fused QKV projection
+        q = rnd(B, Lq, Hq, D).transpose(1, 2)
+        k = rnd(B, Lk, Hkv, D).transpose(1, 2)
+        v = rnd(B, Lk, Hkv, D).transpose(1, 2)
+    else:
+        q, k, v = rnd(B, Hq, Lq, D), rnd(B, Hkv, Lk, D), rnd(B, Hkv, Lk, D)
+    pk = pv = task_ids = kpm = kvl = None
+    if prefix == "shared":
+        pk, pv = rnd(Hkv, P, D), rnd(Hkv, P, D)
+    elif prefix == "task":
+        pk, pv = rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)
+        task_ids = torch.randint(0, T, (B,), generator=g)
+    if padding == "mask":
+        kpm = torch.rand((B, Lk), generator=g) > 0.3
+    elif padding == "lengths":
+        kvl = torch.randint(0, Lk + 1, (B,), generator=g)
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, task_ids=task_ids, key_padding_mask=kpm,
+                kv_lengths=kvl)
+
+
+def run_triton(case, causal, scale, grad_out, need=(True,) * 5):
+    c = case
+    out, lse = pa.prefix_attention(c["q"], c["k"], c["v"], c["prefix_k"], c["prefix_v"], c["task_ids"],
+                                   c["key_padding_mask"], c["kv_lengths"], causal, scale)
+    grads = pa.prefix_attention_backward(grad_out, c["q"], c["k"], c["v"], c["prefix_k"], c["prefix_v"],
+                                         c["task_ids"], c["key_padding_mask"], c["kv_lengths"], out, lse, causal,
+                                         scale, *need)
+    return out, lse, grads
+
+
+def run_oracle(case, causal, scale, grad_out):
+    names = ("q", "k", "v", "prefix_k", "prefix_v")
+    leaves = {n: (case[n].detach().double().requires_grad_() if case[n] is not None else None) for n in names}
+    out, lse = oracle(leaves["q"], leaves["k"], leaves["v"], leaves["prefix_k"], leaves["prefix_v"],
+                      case["task_ids"], case["key_padding_mask"], case["kv_lengths"], causal, scale)
+    (out * grad_out.double()).sum().backward()
+    grads = tuple(None if leaves[n] is None else leaves[n].grad for n in names)
+    return out, lse, grads
+
+
+def check(case, causal, *, dtype=torch.float32, scale_tol=1.0, gen=None):
+    q = case["q"]
+    D = q.shape[-1]
+    scale = D ** -0.5
+    g = gen or torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape, generator=g).to(dtype)
+    out, lse, grads = run_triton(case, causal, scale, grad_out)
+    r_out, r_lse, r_grads = run_oracle(case, causal, scale, grad_out)
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    # fp16: inputs are exact in the oracle, the error is the kernel's fp16 rounding of P, dS and the output
+    tol = dict(rtol=2e-4 * scale_tol, atol=2e-4 * scale_tol) if dtype == torch.float32 else \
+        dict(rtol=1e-2 * scale_tol, atol=1e-2 * scale_tol)
+    assert_close(out, r_out, name="out", **tol)
+    assert_close(lse, r_lse, name="lse", **tol)  # -inf rows must match exactly (same_inf)
+    for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, r_grads, strict=True):
+        if r is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert not torch.isnan(a).any(), name
+        assert_close(a, r, name=name, **tol)
+    return out, lse, grads
+
+
+# --------------------------------------------------------------------------------------------------- property
+
+
+@given(
+    B=st.integers(0, 3), heads=st.sampled_from(HEADS), Lq=odd_len, Lk=odd_len, P=st.integers(0, 40),
+    D=st.sampled_from([32, 80]), causal=st.booleans(), prefix=st.sampled_from(["none", "shared", "task"]),
+    padding=st.sampled_from(["none", "mask", "lengths"]), strided=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_matches_oracle_float32(B, heads, Lq, Lk, P, D, causal, prefix, padding, strided, seed):
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    case = make_case(B, Hq, Hkv, Lq, Lk, P, D, prefix=prefix, padding=padding, strided=strided, gen=g)
+    check(case, causal, gen=g)
+
+
+# --------------------------------------------------------------------------------------------------- fixed cases
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,P,D,causal,prefix,padding", [
+    (2, 4, 2, 33, 21, 17, 32, True, "task", "mask"),    # Lq > Lk: the first queries see only the prefix
+    (3, 8, 1, 1, 37, 40, 80, True, "shared", "lengths"),  # decode: MQA, Lq = 1, kv_lengths
+    (2, 1, 1, 19, 35, 0, 32, True, "shared", "none"),   # P = 0 with a prefix tensor: plain attention
+    (1, 4, 2, 9, 9, 3, 96, False, "none", "mask"),      # padded BLOCK_D (96 -> 128), no prefix
+])
+def test_fixed_cases_float32(B, Hq, Hkv, Lq, Lk, P, D, causal, prefix, padding):
+    check(make_case(B, Hq, Hkv, Lq, Lk, P, D, prefix=prefix, padding=padding), causal)
+
+
+@pytest.mark.parametrize("causal,Lq,padding", [(True, 21, "mask"), (False, 21, "mask"), (True, 5, "lengths")])
+def test_float16(causal, Lq, padding):
+    case = make_case(2, 4, 2, Lq, 27, 13, 32, prefix="task", padding=padding, dtype=torch.float16)
+    check(case, causal, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("prefix", ["shared", "task"])
+def test_decode_path(prefix, monkeypatch):
+    """The decode path (prefix-state GEMM stage + sequence pass from that state) against the oracle and the
+    general path; GQA packs 4 heads x 3 queries x the task's rows into one M tile."""
+    g = torch.Generator().manual_seed(3)
+    case = make_case(3, 8, 2, 3, 29, 37, 32, prefix=prefix, T=2, padding="lengths", gen=g)
+    case["key_padding_mask"] = torch.rand((3, 29), generator=g) > 0.2
+    assert pa.use_decode_path(3, 37, case["kv_lengths"])
+    out, lse, _ = check(case, True)
+    monkeypatch.setattr(pa, "DECODE_MAX_LQ", 0)
+    assert not pa.use_decode_path(3, 37, case["kv_lengths"])
+    out2, lse2, _ = run_triton(case, True, 32 ** -0.5, torch.zeros_like(case["q"]), need=(False,) * 5)
+    assert_close(out, out2, rtol=1e-5, atol=1e-5, name="out")
+    assert_close(lse, lse2, rtol=1e-5, atol=1e-5, name="lse")
+
+
+def test_fully_padded_rows_are_zero_not_nan():
+    # row 0: every sequence key padded and no prefix -> it sees nothing; row 1: kv_length 0; causal with
+    # Lq > Lk leaves the first queries of every row with nothing as well.
+    case = make_case(3, 4, 2, 13, 7, 0, 32, prefix="none")
+    kpm = torch.ones((3, 7), dtype=torch.bool)
+    kpm[0] = False
+    case["key_padding_mask"] = kpm
+    out, lse, grads = check(case, True)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("-inf"))
+    assert torch.all(out[:, :, :6] == 0) and torch.all(lse[:, :, :6] == float("-inf"))
+    assert torch.all(grads[0][0] == 0) and torch.all(grads[1][0] == 0) and torch.all(grads[2][0] == 0)
+    case2 = make_case(2, 1, 1, 5, 9, 0, 32, prefix="none")
+    case2["kv_lengths"] = torch.tensor([0, 4])
+    out2, lse2, _ = check(case2, False)
+    assert torch.all(out2[0] == 0) and torch.all(lse2[0] == float("-inf")) and torch.isfinite(lse2[1]).all()
+
+
+def test_decode_equals_last_row_of_training():
+    """Lq = 1 with kv_lengths (the KV-cache decode call) equals the last query of a full causal call on the
+    sequence truncated to that length."""
+    full = make_case(1, 4, 2, 23, 23, 11, 32, prefix="shared")
+    scale = 32 ** -0.5
+    out_full, lse_full = pa.prefix_attention(full["q"], full["k"], full["v"], full["prefix_k"], full["prefix_v"],
+                                             None, None, None, True, scale)
+    cache_k = torch.cat([full["k"], torch.randn(1, 2, 9, 32)], 2)  # a cache longer than the sequence
+    cache_v = torch.cat([full["v"], torch.randn(1, 2, 9, 32)], 2)
+    out_dec, lse_dec = pa.prefix_attention(full["q"][:, :, -1:], cache_k, cache_v, full["prefix_k"],
+                                           full["prefix_v"], None, None, torch.tensor([23]), True, scale)
+    assert_close(out_dec, out_full[:, :, -1:], rtol=1e-5, atol=1e-5, name="out")
+    assert_close(lse_dec, lse_full[:, :, -1:], rtol=1e-5, atol=1e-5, name="lse")
+
+
+def test_prefix_grads_deterministic_and_per_task():
+    case = make_case(3, 4, 2, 15, 11, 21, 32, prefix="task", T=2, padding="mask")
+    case["task_ids"] = torch.tensor([1, 0, 1])
+    grad_out = torch.randn(case["q"].shape)
+    _, _, g1 = run_triton(case, True, 0.2, grad_out)
+    _, _, g2 = run_triton(case, True, 0.2, grad_out)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.equal(a, b)
+    # each task's prefix grad is the sum over its own rows alone
+    rows1 = {n: (t[[0, 2]] if torch.is_tensor(t) and t.shape[0] == 3 else t) for n, t in case.items()}
+    rows1["task_ids"] = torch.tensor([0, 0])
+    rows1["prefix_k"], rows1["prefix_v"] = case["prefix_k"][1:], case["prefix_v"][1:]
+    _, _, g_sub = run_triton(rows1, True, 0.2, grad_out[[0, 2]])
+    assert_close(g1[3][1], g_sub[3][0], rtol=1e-5, atol=1e-5, name="dprefix_k task 1")
+    assert_close(g1[4][1], g_sub[4][0], rtol=1e-5, atol=1e-5, name="dprefix_v task 1")
+
+
+def test_need_flags_and_empty_batch():
+    case = make_case(2, 4, 2, 7, 9, 5, 32, prefix="shared")
+    grad_out = torch.randn(case["q"].shape)
+    _, _, grads = run_triton(case, True, 0.3, grad_out, need=(False, True, False, False, True))
+    assert grads[0] is None and grads[2] is None and grads[3] is None
+    _, _, full = run_triton(case, True, 0.3, grad_out)
+    assert torch.equal(grads[1], full[1]) and torch.equal(grads[4], full[4])
+    # B = 0: empty outputs, prefix grads exist and are zero
+    empty = make_case(0, 4, 2, 7, 9, 5, 32, prefix="task")
+    out, lse, g = run_triton(empty, True, 0.3, torch.randn(0, 4, 7, 32))
+    assert out.shape == (0, 4, 7, 32) and lse.shape == (0, 4, 7)
+    assert torch.all(g[3] == 0) and torch.all(g[4] == 0) and g[3].shape == (3, 2, 5, 32)
+
+
+def test_outputs_are_poisoned_before_the_kernel_writes():
+    assert _alloc.POISON, "conftest sets REPROKERNELS_POISON_OUTPUTS=1: unwritten elements must show up as NaN"
+
+
+def test_unsupported_head_dim():
+    case = make_case(1, 1, 1, 3, 3, 2, 48)
+    with pytest.raises(ValueError, match=r"d=48.*\(32, 64, 80, 96, 128, 256\)"):
+        run_triton(case, True, 0.1, torch.randn(case["q"].shape))
+
+
+def test_allocates_nothing_of_batch_times_prefix():
+    """Neither pass allocates a buffer as large as the batch-expanded prefix (B * P * d per kv head)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            if func.is_view or func._schema.is_mutable:  # aliases and in-place writes allocate nothing
+                return res
+            for t in res if isinstance(res, (tuple, list)) else (res,):
+                if torch.is_tensor(t):
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+            return res
+
+    B, P, D = 3, 40, 32
+    case = make_case(B, 1, 1, 3, 3, P, D, prefix="shared")
+    grad_out = torch.randn(case["q"].shape)
+    with Sizes() as sizes:
+        run_triton(case, True, 0.2, grad_out)
+    assert 0 < sizes.largest < B * P * D * 4  # bytes; the prefix grads themselves are P * d * 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision(dtype):
+    torch.manual_seed(0)
+    case = make_case(2, 8, 2, 67, 131, 37, 128, prefix="task", padding="mask", dtype=dtype)
+    case = {n: (t.cuda() if torch.is_tensor(t) else t) for n, t in case.items()}
+    scale = 128 ** -0.5
+    grad_out = torch.randn(case["q"].shape, device="cuda").to(dtype)
+    out, lse, grads = run_triton(case, True, scale, grad_out)
+    cpu = {n: (t.cpu() if torch.is_tensor(t) else t) for n, t in case.items()}
+    r_out, r_lse, r_grads = run_oracle(cpu, True, scale, grad_out.cpu())
+    assert_close(out.cpu(), r_out, dtype=dtype, scale=2.0, name="out")
+    assert_close(lse.cpu(), r_lse, rtol=1e-2, atol=1e-2, name="lse")
+    for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, r_grads, strict=True):
+        assert_close(a.cpu(), r, dtype=dtype, scale=4.0 * max(1.0, r.abs().max().item()), name=name)
+
+
+def test_mixed_dtypes_float16_activations_float32_prefix():
+    case = make_case(2, 4, 2, 11, 13, 9, 32, prefix="shared", padding="mask", dtype=torch.float16)
+    case["prefix_k"], case["prefix_v"] = case["prefix_k"].float(), case["prefix_v"].float()
+    grad_out = torch.randn(case["q"].shape).half()
+    out, lse, grads = run_triton(case, True, 0.2, grad_out)
+    r_out, r_lse, r_grads = run_oracle(case, True, 0.2, grad_out)
+    assert out.dtype == torch.float16 and grads[3].dtype == torch.float32
+    assert_close(out, r_out, rtol=1e-2, atol=1e-2, name="out")
+    assert_close(lse, r_lse, rtol=1e-3, atol=1e-3, name="lse")
+    for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, r_grads, strict=True):
+        assert_close(a, r, rtol=1e-2, atol=1e-2, name=name)
