@@ -418,3 +418,27 @@ def test_merge_errors():
         rk.merge_attention_states(o, lse, o, torch.randn(2, 4))
     with pytest.raises(ValueError, match="o_b: expected the shape of o_a"):
         rk.merge_attention_states(o, lse, torch.randn(2, 3, 5), lse)
+
+
+# ---------------------------------------------------------------- the fused Triton backend through the op
+
+
+@pytest.mark.skipif(not rk._backend.triton_installed(), reason="triton is not installed")
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(T=3, pad="mask"), dict(P=None, Lq=9, Lk=4), dict(pad="lengths", Hq=4, Hkv=1, Lq=1),
+    dict(B=0), dict(P=17, Lk=33, Lq=20, layout="transposed"),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_triton_through_the_op_matches_reference(cfg, causal):
+    kw = _make(**{"d": 32, "dtype": torch.float32, **cfg})
+    _compare(_run("triton", kw, causal=causal), _run("reference", kw, causal=causal), scale=4.0)
+
+
+@pytest.mark.skipif(not rk._backend.triton_installed(), reason="triton is not installed")
+def test_triton_opcheck():
+    kw = _make(d=32, dtype=torch.float32, T=2, pad="mask")
+    args = (kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], kw["task_ids"], kw["key_padding_mask"], None)
+    torch.library.opcheck(torch.ops.reprokernels.prefix_attention_fwd, (*args, True, 0.3, "triton"))
+    out, lse = torch.ops.reprokernels.prefix_attention_fwd(*args, True, 0.3, "triton")
+    torch.library.opcheck(torch.ops.reprokernels.prefix_attention_bwd,
+                          (torch.randn_like(out), *args, out, lse, True, 0.3, [True] * 5, "triton"))
