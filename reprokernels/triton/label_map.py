@@ -80,6 +80,7 @@ def _lm_index_fwd_kernel(
             src = tl.load(map_ptr + ts[:, None] * s_mt + j[None, :] * s_mm, mask=valid, other=-1).to(tl.int64)
             w = tl.load(w_ptr + ts[:, None] * M + j[None, :], mask=valid, other=0.0)
             v = tl.load(x_row + src * s_xk, mask=valid & (src >= 0), other=0.0).to(tl.float32)
+            v = tl.where(w != 0.0, v, mx)  # unused lanes: a finite f(v), so 0 * f(v) stays 0
             acc += tl.sum(tl.where(w != 0.0, w * _apply(v, mx, ls, INPUT), 0.0), axis=1)
         tl.store(out_ptr + b * T + ts, acc, mask=ts < T)
 
@@ -123,7 +124,7 @@ def _lm_index_bwd_kernel(
             c += w * tl.load(g_ptr + b * s_gb + t * s_gt, mask=em, other=0.0).to(tl.float32)
         col = tl.load(u_src_ptr + us, mask=umask, other=0).to(tl.int64)
         if INPUT != 0:
-            pc = _apply(tl.load(x_row + col * s_xk, mask=umask, other=0.0).to(tl.float32), mx, ls, 1)
+            pc = _apply(tl.load(x_row + col * s_xk, mask=umask, other=float("-inf")).to(tl.float32), mx, ls, 1)
             if INPUT == 1:
                 val = pc * (c - srow)
             else:
