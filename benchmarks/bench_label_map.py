@@ -18,7 +18,7 @@ label_histogram providers (the running statistic of FLM/ILM/BLM/BLM+, accumulate
                        ``index_put_(accumulate=True)`` for the top-k probability mass. The baseline.
     reference          ``reprokernels.label_histogram(..., backend="reference")``.
     triton             the fused kernels (skipped on a CPU).
-    cuda               skipped: label_histogram has no CUDA kernel (Triton serves CUDA tensors).
+    cuda               the CUDA kernels (reprokernels/cuda/label_histogram.py; skipped on a CPU).
 
 Minimum bytes: label_map fwd = logits + mapping + out; fwd+bwd adds the output gradient and d logits.
 label_histogram = logits + targets + the statistic read and written once (counts: at most B cells of it).
@@ -212,7 +212,7 @@ def _hist_provider(case: HistCase, provider: str) -> tuple[Callable | None, str]
     if provider == "triton":
         return _gpu_kernel(case.op, "triton", case.device, module_check=False)
     if provider == "cuda":
-        return None, "label_histogram has no CUDA kernel (Triton serves CUDA tensors)"
+        return _gpu_kernel(case.op, "cuda", case.device, module_check=False)
     raise ValueError(f"unknown provider {provider!r}")
 
 

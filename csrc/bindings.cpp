@@ -10,6 +10,7 @@ namespace reprokernels {
 void bind_visual_prompt(py::module_& m);  // visual_prompt_bindings.cpp
 void bind_soft_prompt(py::module_& m);
 void bind_label_map(py::module_& m);
+void bind_label_histogram(py::module_& m);
 }  // namespace reprokernels
 
 #ifndef REPROKERNELS_VERSION
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   rk::bind_visual_prompt(m);
   rk::bind_soft_prompt(m);
   rk::bind_label_map(m);
+  rk::bind_label_histogram(m);
 }

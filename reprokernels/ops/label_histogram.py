@@ -6,8 +6,8 @@ One registered op, ``reprokernels::label_histogram_accumulate``, mutates its ``o
 (K_src, K_tgt) buffer or an extra pass over it per batch. It is a statistic, not a differentiable function:
 there is no autograd formula, and the public function detaches its input.
 
-Backends: ``reference`` and ``triton``. There is no CUDA kernel for this op (``backend="cuda"`` raises
-:class:`~reprokernels.BackendUnavailableError`; ``auto`` picks Triton on CUDA tensors).
+Backends: ``reference``, ``triton`` and ``cuda`` (csrc/label_histogram.cu: the Triton backend's algorithm in CUDA;
+``auto`` picks it on CUDA tensors where the extension is built, else Triton).
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from .._validation import KERNEL_DTYPES, check_choice, check_float, check_same_d
 from ..reference.label_histogram import WEIGHTS, effective_topk
 
 OP = "label_histogram"
-register_op(OP, ("reference", "triton"))
+register_op(OP, ("reference", "triton", "cuda"))
 
 _MODULES = {
     "reference": "reprokernels.reference.label_histogram",
     "triton": "reprokernels.triton.label_histogram",
+    "cuda": "reprokernels.cuda.label_histogram",
 }
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -81,7 +82,7 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
     Returns:
         ``out``: (K_src, K_tgt) float32. Counts are exact integers up to 2**24 per cell; accumulating batch by
         batch gives exactly the counts of one big batch (for probabilities, equal up to float32 rounding). The
-        result is deterministic (Triton: per-block partials and an ordered reduction, no atomics). Not
+        result is deterministic (Triton and CUDA: per-block partials and an ordered reduction, no atomics). Not
         differentiable.
     """
     check_choice(weight, WEIGHTS, "weight")
