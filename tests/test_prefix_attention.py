@@ -442,3 +442,18 @@ def test_triton_opcheck():
     out, lse = torch.ops.reprokernels.prefix_attention_fwd(*args, True, 0.3, "triton")
     torch.library.opcheck(torch.ops.reprokernels.prefix_attention_bwd,
                           (torch.randn_like(out), *args, out, lse, True, 0.3, [True] * 5, "triton"))
+
+
+def test_triton_rejects_unsupported_head_dims_clearly():
+    kw = _make(d=8, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"q: the triton backend supports head dims \(32, 64, 80, 96, 128, 256\), "
+                                         r"got d=8"):
+        rk.prefix_attention(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], backend="triton")
+
+
+def test_op_and_kernels_agree_on_the_supported_head_dims():
+    pytest.importorskip("triton")
+    from reprokernels.ops.prefix_attention import TRITON_HEAD_DIMS
+    from reprokernels.triton.prefix_attention import SUPPORTED_HEAD_DIMS
+
+    assert tuple(TRITON_HEAD_DIMS) == tuple(SUPPORTED_HEAD_DIMS)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .._backend import register_op, resolve_backend
+from .._backend import default_backend, register_op, resolve_backend
 from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor
 from ..reference import prefix_attention as _ref
 
@@ -21,6 +21,8 @@ _MODULES = {
     "triton": "reprokernels.triton.prefix_attention",
 }
 INDEX_DTYPES = (torch.int64, torch.int32)
+# the head dims the fused Triton kernels serve (kept here so choosing a backend never imports triton)
+TRITON_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 
 _ARGS = "Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? task_ids, " \
         "Tensor? key_padding_mask, Tensor? kv_lengths"
@@ -138,7 +140,8 @@ def prefix_attention(
         scale: the score multiplier, default 1 / sqrt(d).
         return_lse: also return the (B, Hq, Lq) LSE (natural log; float32, float64 for float64 q; -inf for a
             query that sees no key, whose output is 0). The LSE carries no gradient.
-        backend: "auto" (composite on CPU; triton on CUDA) | "reference" | "composite" | "triton".
+        backend: "auto" (composite on CPU; triton on CUDA, or composite for a head dim outside
+            {32, 64, 80, 96, 128, 256}) | "reference" | "composite" | "triton".
 
     Returns:
         out (B, Hq, Lq, d) in q's dtype, or (out, lse). Differentiable in q, k, v, prefix_k, prefix_v.
@@ -191,6 +194,12 @@ def prefix_attention(
                       ("task_ids", task_ids), ("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     chosen = resolve_backend(OP, backend, q.device)
+    if chosen == "triton" and d not in TRITON_HEAD_DIMS:
+        if backend == "auto" and default_backend() == "auto":
+            chosen = "composite"  # auto's documented fallback for head dims the fused kernels do not serve
+        else:
+            raise ValueError(f"q: the triton backend supports head dims {TRITON_HEAD_DIMS}, got d={d} "
+                             "(backend='composite' serves any d)")
     if chosen == "triton":
         check_float(q, "q", KERNEL_DTYPES)
         if prefix_k is not None:
