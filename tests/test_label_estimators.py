@@ -88,6 +88,16 @@ def test_greedy_matches_the_brute_force_definition(data):
     assert torch.equal(rk.greedy_label_mapping(D, m=m), _brute_greedy(D, m))
 
 
+@pytest.mark.parametrize("m", [1, 2])
+def test_greedy_matches_brute_force_when_rows_rank_targets_alike(m):
+    """Rank-one and identical-row statistics (every row's best target is the same): the stale-head paths."""
+    g = torch.Generator().manual_seed(3)
+    for D in (torch.rand(40, 1, generator=g) * torch.rand(1, 9, generator=g),
+              torch.rand(1, 9, generator=g).expand(40, 9).contiguous(),
+              torch.randint(0, 3, (40, 1), generator=g).float() * torch.randint(0, 3, (1, 9), generator=g).float()):
+        assert torch.equal(rk.greedy_label_mapping(D, m=m), _brute_greedy(D, m))
+
+
 def test_greedy_is_a_valid_assignment_on_random_statistics():
     D = torch.rand(500, 40)
     for m in (1, 3, 12):
@@ -96,8 +106,8 @@ def test_greedy_is_a_valid_assignment_on_random_statistics():
         assert bool((got >= 0).all()) and bool((got < 500).all())
 
 
-@pytest.mark.parametrize(("kind", "m"), [("random", 1), ("zeros", 1), ("sparse counts", 1), ("random", 81),
-                                         ("sparse counts", 81)])
+@pytest.mark.parametrize(("kind", "m"), [("random", 1), ("zeros", 1), ("sparse counts", 1), ("rank one", 1),
+                                         ("identical rows", 1), ("random", 81), ("sparse counts", 81)])
 def test_greedy_clip_sun397_size_completes(kind, m):
     """K_src = 32,157 x K_tgt = 397 (CLIP SUN397: 81 templates x 397 classes). Timed, not asserted."""
     K, T = 32_157, 397
@@ -106,6 +116,10 @@ def test_greedy_clip_sun397_size_completes(kind, m):
         D = torch.rand(K, T, generator=g)
     elif kind == "zeros":
         D = torch.zeros(K, T)
+    elif kind == "rank one":  # predictions independent of the labels: every row ranks the targets alike
+        D = torch.rand(K, 1, generator=g) * torch.rand(1, T, generator=g)
+    elif kind == "identical rows":
+        D = torch.rand(1, T, generator=g).expand(K, T).contiguous()
     else:  # counts of 50,000 argmax predictions landing on 2,000 source classes: mostly zero, many ties
         preds, y = torch.randint(0, 2000, (50_000,), generator=g), torch.randint(0, T, (50_000,), generator=g)
         D = torch.bincount(preds * T + y, minlength=K * T).view(K, T).float()
