@@ -75,3 +75,9 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def value_range(t: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a non-empty integer tensor with one device-to-host sync (a range check before a launch)."""
+    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    return int(lo), int(hi)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from .._backend import default_backend, register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor
+from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor, value_range
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
@@ -104,7 +104,7 @@ def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: 
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if t.numel() and not torch.compiler.is_compiling():
-        lo_v, hi_v = int(t.min()), int(t.max())
+        lo_v, hi_v = value_range(t)
         if lo_v < lo or hi_v > hi:
             raise ValueError(f"{name}: expected values in [{lo}, {hi}] ({what}), got {lo_v if lo_v < lo else hi_v}")
 

@@ -8,7 +8,15 @@ from typing import NamedTuple
 import torch
 
 from .._backend import register_op, resolve_backend
-from .._validation import FLOAT_DTYPES, KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor
+from .._validation import (
+    FLOAT_DTYPES,
+    KERNEL_DTYPES,
+    check_float,
+    check_ndim,
+    check_same_device,
+    check_tensor,
+    value_range,
+)
 
 OP = "soft_prompt_concat"
 register_op(OP, ("reference", "triton", "cuda"))
@@ -105,7 +113,7 @@ def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: 
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     if t.numel() and not torch.compiler.is_compiling():
-        lo_v, hi_v = int(t.min()), int(t.max())
+        lo_v, hi_v = value_range(t)
         if lo_v < 0 or hi_v > hi:
             bad = lo_v if lo_v < 0 else hi_v
             raise ValueError(f"{name}: expected values in [0, {hi}] ({what}), got {bad}")
