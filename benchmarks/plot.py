@@ -1,9 +1,19 @@
 """Draw benchmark results: ``python -m benchmarks.plot [results/*.csv ...] [--out DIR] [--device SUBSTR]``.
 
-One PNG per (op, shape): grouped bars of the median time (ms, log scale, p20-p80 as error bars), one group per
-(dtype, mode), one bar per provider. Each CSV is the append-only log written by ``benchmarks.run``; when a
-configuration (op, shape, dtype, mode, provider, device) was measured more than once the latest row wins.
-Skipped rows (no time) are left out of the bars and listed under the chart. Needs matplotlib
+Two kinds of PNG (``--kind``):
+
+bars   one per (op, shape, device): grouped bars of the median time (ms, log scale, p20-p80 as error bars), one
+       group per (dtype, mode), one bar per provider.
+size   one per (op, device): time vs size, one panel per (dtype, mode), one line per provider; the size of a
+       shape is the op's minimum traffic (``min_bytes``: each input read once, each output written once), so
+       shapes of different kinds of one op share an axis (log-log; each point is labelled with its shape).
+
+``plot`` and ``plot_size`` take rows as dicts: CSV rows (strings) or ``dataclasses.asdict(Row)`` (numbers), so
+``reprokernels bench`` draws the rows of its run without reading the CSVs back.
+
+Each CSV is the append-only log written by ``benchmarks.run`` / ``reprokernels bench``; when a configuration
+(op, shape, dtype, mode, provider, device) was measured more than once the latest row wins. Skipped rows (no
+time) are left out of the bars and listed under the chart. Needs matplotlib
 (``pip install matplotlib``, or the ``bench`` extra); without it the script says so and exits with status 2.
 """
 
@@ -17,7 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PROVIDER_ORDER = ("eager", "reference", "reference+compile", "composite", "triton", "cuda")
+PROVIDER_ORDER = ("eager", "peft-eager", "peft-cat+sdpa", "peft-eager+compile", "ideal-sdpa", "reference",
+                  "reference+compile", "composite", "triton", "cuda")
 
 
 def _float(v: str | None) -> float | None:
@@ -98,11 +109,66 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+def plot_size(rows: list[dict], out_dir: Path) -> list[Path]:
+    """Time vs size per provider: one PNG per (op, device), a log-log panel per (dtype, mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    by_figure: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        if _float(r.get("median_ms")) is not None and (_float(r.get("min_bytes")) or 0) > 0:
+            by_figure[(r["op"], r.get("device", ""))].append(r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (op, device), group in sorted(by_figure.items()):
+        panels = sorted({(r["dtype"], r["mode"]) for r in group})
+        ncol = min(2, len(panels))
+        nrow = (len(panels) + ncol - 1) // ncol
+        fig, axes = plt.subplots(nrow, ncol, figsize=(6.0 * ncol, 4.2 * nrow), squeeze=False)
+        for ax in axes.flat[len(panels):]:
+            ax.set_visible(False)
+        for ax, (dtype, mode) in zip(axes.flat[:len(panels)], panels, strict=True):
+            sub = [r for r in group if (r["dtype"], r["mode"]) == (dtype, mode)]
+            for provider in sorted({r["provider"] for r in sub}, key=_provider_key):
+                pts = sorted((_float(r["min_bytes"]) / 1e6, _float(r["median_ms"]), r["shape"])
+                             for r in sub if r["provider"] == provider)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+            shapes = {}
+            for r in sub:  # one label per shape, at its size and its fastest time
+                x, y = _float(r["min_bytes"]) / 1e6, _float(r["median_ms"])
+                if r["shape"] not in shapes or y < shapes[r["shape"]][1]:
+                    shapes[r["shape"]] = (x, y)
+            for shape, (x, y) in shapes.items():
+                ax.annotate(shape, (x, y), textcoords="offset points", xytext=(3, -10), fontsize=6)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # 3, 5, 10 rather than 3x10^0 ...
+                axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "1235" else ""))
+            ax.set_xlabel("size: minimum traffic (MB)")
+            ax.set_ylabel("median time (ms)")
+            ax.set_title(f"{dtype} {mode}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{op}: time vs size\n{device}", fontsize=10)
+        fig.tight_layout()
+        path = out_dir / f"{_slug(op)}__time_vs_size__{_slug(device)[:40]}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", nargs="*", type=Path, help="result CSVs (default: benchmarks/results/*.csv)")
     parser.add_argument("--out", type=Path, default=RESULTS / "plots", help="output folder for the PNGs")
     parser.add_argument("--device", default=None, help="only rows whose device contains this text")
+    parser.add_argument("--kind", choices=("bars", "size", "all"), default="all",
+                        help="bars per shape, time vs size per op, or both (default)")
     args = parser.parse_args(argv)
     paths = args.csv or sorted(RESULTS.glob("*.csv"))
     if not paths:
@@ -118,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks.plot needs matplotlib: pip install matplotlib (or pip install -e '.[bench]')",
               file=sys.stderr)
         return 2
-    for path in plot(rows, args.out):
+    paths = (plot(rows, args.out) if args.kind in ("bars", "all") else []) + (
+        plot_size(rows, args.out) if args.kind in ("size", "all") else [])
+    for path in paths:
         print(path)
     return 0
 

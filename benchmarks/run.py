@@ -19,6 +19,11 @@ def available_ops() -> list[str]:
     return sorted(p.stem.removeprefix("bench_") for p in Path(__file__).parent.glob("bench_*.py"))
 
 
+def results_name(op: str, device: torch.device | str) -> str:
+    """The results file stem of an op's rows: ``<op>`` on a GPU, ``<op>_cpu`` on the CPU."""
+    return op if torch.device(device).type == "cuda" else f"{op}_cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("ops", nargs="*", help=f"ops to run (default: all of {available_ops()})")
@@ -37,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = mod.run(torch.device(args.device), quick=args.quick)
         print(format_table(rows))
         if not args.no_save:
-            suffix = "" if torch.device(args.device).type == "cuda" else "_cpu"
-            print("results:", *write_rows(rows, f"{op}{suffix}"))
+            print("results:", *write_rows(rows, results_name(op, args.device)))
     return 0
 
 
