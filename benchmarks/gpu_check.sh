@@ -56,7 +56,7 @@ log "whole suite, real Triton compilation"
 timeout 420 python -m pytest -q -x -n 4 tests -p no:cacheprovider > "$out/tests_all.log" 2>&1
 log "  $(tail -n 1 "$out/tests_all.log")"
 log "quick benchmarks"
-timeout 300 python -m benchmarks.run --quick > "$out/bench_quick.log" 2>&1
-cp benchmarks/results/*.csv "$out/" 2>/dev/null
+timeout 300 python -m reprokernels bench --quick --results-dir "$out/results" --out "$out/plots" \
+  > "$out/bench_quick.log" 2>&1
 log "done in $(( $(date +%s) - start )) s; results in $dest"
 tar czf "$dest/gpu_check.tgz" -C "$out" . && cp "$out/summary.txt" "$dest/"
