@@ -2,6 +2,7 @@
 
 from .label_mapping import LabelMapping
 from .prefix_kv import PrefixKV
+from .reprogrammer import Reprogrammer
 from .soft_prompt import PromptEncoder, PromptTunedModel, SoftPrompt
 from .visual_prompt import (
     IMAGENET_MEAN,
@@ -27,6 +28,7 @@ __all__ = [
     "PrefixKV",
     "PromptEncoder",
     "PromptTunedModel",
+    "Reprogrammer",
     "SampleSpecificMaskPrompter",
     "SoftPrompt",
     "freeze_backbone",
