@@ -66,11 +66,6 @@ def test_demo_is_deterministic(demo_run, tmp_path):
         assert a[key] == b[key], key
 
 
-def test_demo_text_not_implemented(capsys):
-    assert cli_main(["demo", "--text"]) == 2
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_demo_bad_backend_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cli_main(["demo", "--device", "cpu", "--backend", "cuda", "--quick", "--out", str(tmp_path)]) == 2

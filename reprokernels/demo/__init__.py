@@ -1,7 +1,7 @@
 """``reprokernels demo``: an end-to-end reprogramming run on real data (see :mod:`reprokernels.demo.digits`).
 
 ``reprokernels demo [--seed N] [--device D] [--backend B] [--epochs E] [--quick] [--out DIR]`` runs the digits
-demo; ``--text`` asks for the prompt/prefix-tuning demo on a tiny transformer, which is not implemented yet.
+demo; ``--text`` adds the prompt/prefix-tuning demo on a tiny transformer (see :mod:`reprokernels.demo.text`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,6 @@ __all__ = ["main"]
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--text" in argv:
-        print("reprokernels demo --text: not implemented yet (the prompt-tuning / prefix-tuning demo on a tiny "
-              "transformer is planned; run `reprokernels demo` for the digits reprogramming demo)", file=sys.stderr)
-        return 2
     from .digits import main as digits_main
 
     return digits_main(argv)

@@ -312,6 +312,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder for summary.json and demo.png (default ./reprokernels-demo/)")
     p.add_argument("--lr", type=float, default=0.2, help="Adam learning rate of δ (default 0.2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--text", action="store_true",
+                   help="also steer a frozen tiny transformer (copy -> reverse) by prompt tuning and prefix tuning "
+                        "(see reprokernels.demo.text); adds a \"text\" section to summary.json")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -394,6 +397,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step_time": timing,
         "example_label": int(target.y_test[0]),
     }
+    if getattr(args, "text", False):
+        from .text import run_text
+
+        summary["text"] = run_text(seed=args.seed, device=device, backend=args.backend, quick=args.quick,
+                                   progress_enabled=not args.no_progress)
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "demo.png"
     save_plot(png, summary, best, target.x_test[:1])
@@ -428,6 +436,10 @@ def report(summary: dict[str, Any]) -> str:
     for name, t in summary["step_time"].items():
         value = f"{t['ms']:.2f} ms" if t["ms"] is not None and math.isfinite(t["ms"]) else t["status"]
         lines.append(f"    {name:<10} {value}")
+    if "text" in summary:
+        from .text import report_text
+
+        lines += report_text(summary["text"])
     lines += ["", f"  wrote {summary['files']['json']} and {summary['files']['png']} "
                   f"({summary['total_seconds']:.1f} s in all)"]
     return "\n".join(lines)
