@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, gpu_provider, measure_providers, skipped
+from benchmarks.common import Row, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
 
 OP = "prefix_attention"
@@ -148,16 +148,10 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable | None, str]:
     raise ValueError(f"unknown provider {provider!r}")
 
 
+def _skip(s: dict, device: torch.device) -> str | None:
+    return "GPU shape: not timed on the CPU" if s["gpu_only"] and device.type != "cuda" else None
+
+
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:
-    device = torch.device(device)
-    rows: list[Row] = []
-    for s in SHAPES[OP]["quick" if quick else "full"]:
-        for dtype_name in s["dtypes"]:
-            dtype = getattr(torch, dtype_name)
-            if s["gpu_only"] and device.type != "cuda":
-                rows += [skipped(OP, shape_name(s), dtype, m, p, device, "GPU shape: not timed on the CPU")
-                         for p in PROVIDERS for m in s["modes"]][:1]
-                continue
-            rows += measure_providers(OP, shape_name(s), dtype, s["modes"], Case(s, dtype, device), PROVIDERS,
-                                      _provider_fn, device, quick)
-    return rows
+    return run_shapes(OP, SHAPES[OP]["quick" if quick else "full"], Case, PROVIDERS, _provider_fn, shape_name,
+                      device, quick, skip=_skip)

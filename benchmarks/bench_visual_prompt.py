@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, compiled_provider, gpu_provider, measure_providers
+from benchmarks.common import Row, compiled_provider, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
 
 OP = "visual_prompt"
@@ -179,11 +179,5 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable[..., torch.Tensor]
 
 
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:
-    device = torch.device(device)
-    rows: list[Row] = []
-    for s in SHAPES[OP]["quick" if quick else "full"]:
-        for dtype_name in s["dtypes"]:
-            dtype = getattr(torch, dtype_name)
-            rows += measure_providers(OP, shape_name(s), dtype, s["modes"], Case(s, dtype, device), PROVIDERS,
-                                      _provider_fn, device, quick)
-    return rows
+    return run_shapes(OP, SHAPES[OP]["quick" if quick else "full"], Case, PROVIDERS, _provider_fn, shape_name,
+                      device, quick)

@@ -201,3 +201,24 @@ def measure_providers(op: str, name: str, dtype: torch.dtype, modes: Iterable[st
             rows.append(measure(op, name, dtype, mode, provider, case.runner(f, mode), device,
                                 min_bytes=case.min_bytes(mode), flops=flops, quick=quick, note=note))
     return rows
+
+
+def run_shapes(op: str, shapes: Iterable[dict], make_case: Callable, providers: Iterable[str],
+               provider_fn: Callable, shape_name: Callable[[dict], str], device: torch.device | str, quick: bool,
+               skip: Callable[[dict, torch.device], str | None] | None = None) -> list[Row]:
+    """Rows for every shape x dtype (``s["dtypes"]``) x provider x mode (``s["modes"]``) of one op's script.
+    ``make_case(s, dtype, device)`` builds a case for :func:`measure_providers`; ``skip(s, device)`` may give
+    a reason not to time a shape here (one skipped row records it)."""
+    device = torch.device(device)
+    providers = list(providers)
+    rows: list[Row] = []
+    for s in shapes:
+        for dtype_name in s["dtypes"]:
+            dtype = getattr(torch, dtype_name)
+            why = skip(s, device) if skip is not None else None
+            if why:
+                rows.append(skipped(op, shape_name(s), dtype, s["modes"][0], providers[0], device, why))
+                continue
+            rows += measure_providers(op, shape_name(s), dtype, s["modes"], make_case(s, dtype, device), providers,
+                                      provider_fn, device, quick)
+    return rows
