@@ -8,7 +8,8 @@
 # ``dest`` receives summary.txt and gpu_check.tgz (every log, ptxas report, info, result CSV).
 # Offline dependencies: pybind11 (build), pytest, hypothesis, pytest-xdist (tests) must be importable. If not,
 # wheels in ./.gpu-deps/ are installed from there (prepare on a networked machine with
-# `pip download pybind11 pytest hypothesis pytest-xdist -d .gpu-deps --python-version 3.12 --only-binary :all:`).
+# `pip download setuptools wheel pybind11 pytest hypothesis pytest-xdist -d .gpu-deps --python-version 3.12
+# --only-binary :all:`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${1:-${OUT:-gpu-check-$(date +%Y%m%d-%H%M%S)}}
@@ -31,12 +32,14 @@ log "torch $(python -c 'import torch; print(torch.__version__)'), triton $(pytho
 
 missing=$(python - <<'EOF'
 import importlib.util
-print(" ".join(m for m in ("pybind11", "pytest", "hypothesis", "xdist") if importlib.util.find_spec(m) is None))
+print(" ".join(m for m in ("setuptools", "wheel", "pybind11", "pytest", "hypothesis", "xdist")
+               if importlib.util.find_spec(m) is None))
 EOF
 )
 if [ -n "$missing" ]; then
   log "missing: $missing; installing from .gpu-deps/ (offline)"
-  pip install -q --no-index --find-links .gpu-deps pybind11 pytest hypothesis pytest-xdist >> "$out/install.log" 2>&1 \
+  pip install -q --no-index --find-links .gpu-deps setuptools wheel pybind11 pytest hypothesis pytest-xdist \
+    >> "$out/install.log" 2>&1 \
     || log "offline install failed (see install.log)"
 fi
 
