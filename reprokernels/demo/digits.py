@@ -23,7 +23,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from torch import nn
 
 from .._backend import BACKENDS, backend_status
 from ..nn import ExpansivePrompter, LabelMapping, Reprogrammer
+from ._timing import median_step_ms
 
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
@@ -232,21 +232,11 @@ def time_backends(backbone: nn.Module, target: Split, *, mean: float, std: float
             opt.step()
 
         try:
-            for _ in range(3):
-                step()
-            times = []
-            for _ in range(steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
+            ms = median_step_ms(step, device, steps)
         except Exception as exc:  # a backend that fails here is reported, not fatal for the demo
             out[name] = {"status": f"failed: {type(exc).__name__}: {exc}"[:300], "ms": None}
             continue
-        out[name] = {"status": "ok", "ms": 1e3 * statistics.median(times), "steps": steps, "batch": batch_size}
+        out[name] = {"status": "ok", "ms": ms, "steps": steps, "batch": batch_size}
     return out
 
 

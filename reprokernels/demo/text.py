@@ -38,6 +38,7 @@ from torch import nn
 
 from ..nn import PrefixKV, PromptTunedModel, SoftPrompt
 from ..ops.prefix_attention import prefix_attention
+from ._timing import median_step_ms
 
 BOS, SEP = 0, 1
 FIRST_SYMBOL = 2
@@ -284,18 +285,7 @@ def time_paths(kind: str, backbone: TinyTransformer, module: nn.Module, s: TextS
                 answer_loss(_forward(kind, backbone, module, ids, peft_style=peft_style), y)[0].backward()
                 opt.step()
 
-            for _ in range(3):
-                step()
-            times = []
-            for _ in range(s.timing_steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-            out[path] = 1e3 * statistics.median(times)
+            out[path] = median_step_ms(step, device, s.timing_steps)
         finally:
             backbone.attn_impl = "reprokernels"
             with torch.no_grad():
