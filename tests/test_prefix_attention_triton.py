@@ -8,6 +8,7 @@ autograd for all five gradients. Shapes stay small: the interpreter runs one pro
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 
 from reprokernels import _alloc
 
-from .utils import assert_close
+from .utils import assert_close, traffic_counter
 
 pa = pytest.importorskip("reprokernels.triton.prefix_attention")
 
@@ -176,6 +177,159 @@ def test_decode_path(prefix, monkeypatch):
     assert_close(out, out2, rtol=1e-5, atol=1e-5, name="out")
     assert_close(lse, lse2, rtol=1e-5, atol=1e-5, name="lse")
 
+
+
+# --------------------------------------------------------------------------------------------------- decode path
+
+
+def force_split(mp):
+    """Split decode pass 2 whenever the own cache is longer than one key block (BLOCK_N = 16 here)."""
+    mp.setattr(pa, "DECODE_SPLIT_MIN_PROGRAMS", 10**9)
+    mp.setattr(pa, "DECODE_SPLIT_MIN_KEYS", 1)
+
+
+def decode_case(B, Hq, Hkv, Lq, Lk, P, *, prefix, D=32, dtype=torch.float32, strided=False, seed=0):
+    """A decode case whose kv_lengths hold both extremes: row 0 sees its whole cache, row 1 none of it."""
+    g = torch.Generator().manual_seed(seed)
+    case = make_case(B, Hq, Hkv, Lq, Lk, P, D, prefix=prefix, T=2, padding="lengths", dtype=dtype,
+                     strided=strided, gen=g)
+    case["kv_lengths"][0] = Lk
+    if B > 1:
+        case["kv_lengths"][1] = 0
+    assert pa.use_decode_path(Lq, P, case["kv_lengths"])
+    return case
+
+
+def run_fwd(case, causal, scale):
+    c = case
+    return pa.prefix_attention(c["q"], c["k"], c["v"], c["prefix_k"], c["prefix_v"], c["task_ids"],
+                               c["key_padding_mask"], c["kv_lengths"], causal, scale)
+
+
+@given(
+    B=st.integers(1, 3), heads=st.sampled_from(((4, 2), (8, 1))), Lq=st.integers(1, 16), Lk=odd_len,
+    P=st.integers(1, 40), prefix=st.sampled_from(["shared", "task"]), causal=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float16]), split=st.booleans(), strided=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_decode_matches_oracle(B, heads, Lq, Lk, P, prefix, causal, dtype, split, strided, seed):
+    """Forward of the decode path (GQA-packed pass 2, split into key chunks + reduce or not) against the float64
+    oracle. Queries of a row whose own keys are all cut (kv_lengths 0, or causal with Lq > Lk) see the prefix."""
+    Hq, Hkv = heads
+    case = decode_case(B, Hq, Hkv, Lq, Lk, P, prefix=prefix, dtype=dtype, strided=strided, seed=seed)
+    scale = 32 ** -0.5
+    with pytest.MonkeyPatch.context() as mp:
+        if split:
+            force_split(mp)
+        out, lse = run_fwd(case, causal, scale)
+    r_out, r_lse = oracle(case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"], case["task_ids"],
+                          None, case["kv_lengths"], causal, scale)
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, r_out, name="out", **tol)
+    assert_close(lse, r_lse, name="lse", **tol)
+
+
+@pytest.mark.parametrize("Hq,Hkv,prefix", [(4, 2, "task"), (8, 1, "shared")])
+def test_decode_split_k(Hq, Hkv, prefix, monkeypatch):
+    """A forced split (3 key chunks, G * Lq = 64 / 128 rows over several M blocks) equals the unsplit pass up to
+    float32 rounding, is bitwise deterministic, and matches the oracle (float32 and float16)."""
+    Lk, Lq = 45, 16
+    case = decode_case(3, Hq, Hkv, Lq, Lk, 23, prefix=prefix)
+    scale = 32 ** -0.5
+    out1, lse1 = run_fwd(case, True, scale)
+    force_split(monkeypatch)
+    assert pa.decode_splits(3 * Hkv, Lk, 16) == (3, 16)
+    out, lse = run_fwd(case, True, scale)
+    out_again, lse_again = run_fwd(case, True, scale)
+    assert torch.equal(out, out_again) and torch.equal(lse, lse_again)
+    assert_close(out, out1, rtol=1e-5, atol=1e-5, name="out vs unsplit")
+    assert_close(lse, lse1, rtol=1e-5, atol=1e-5, name="lse vs unsplit")
+    r_out, r_lse = oracle(case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"], case["task_ids"],
+                          None, case["kv_lengths"], True, scale)
+    assert_close(out, r_out, rtol=2e-4, atol=2e-4, name="out")
+    assert_close(lse, r_lse, rtol=2e-4, atol=2e-4, name="lse")
+    half = {n: (t.half() if torch.is_tensor(t) and t.is_floating_point() else t) for n, t in case.items()}
+    out16, lse16 = run_fwd(half, True, scale)
+    assert out16.dtype == torch.float16
+    assert_close(out16, r_out, rtol=1e-2, atol=1e-2, name="out fp16")
+    assert_close(lse16, r_lse, rtol=1e-2, atol=1e-2, name="lse fp16")
+
+
+
+def test_decode_through_the_op_equals_reference(monkeypatch):
+    """The public op (which takes kv_lengths but never with key_padding_mask) on the split decode path against
+    backend="reference"."""
+    import reprokernels as rk
+
+    c = decode_case(3, 8, 2, 2, 33, 17, prefix="task", seed=7)
+    force_split(monkeypatch)
+    args = (c["q"], c["k"], c["v"], c["prefix_k"], c["prefix_v"])
+    kw = dict(task_ids=c["task_ids"], kv_lengths=c["kv_lengths"], return_lse=True)
+    out, lse = rk.prefix_attention(*args, backend="triton", **kw)
+    r_out, r_lse = rk.prefix_attention(*args, backend="reference", **kw)
+    assert_close(out, r_out, rtol=2e-4, atol=2e-4, name="out")
+    assert_close(lse, r_lse, rtol=2e-4, atol=2e-4, name="lse")
+    with pytest.raises(ValueError, match="at most one"):
+        rk.prefix_attention(*args, backend="triton", key_padding_mask=torch.ones(3, 33, dtype=torch.bool), **kw)
+
+def test_decode_empty_own_cache_and_padding_mask(monkeypatch):
+    """Lk = 0 (only the prefix), and the kernel-level key_padding_mask + kv_lengths combination (the op rejects
+    it, the kernels honour both) with a forced split."""
+    case = decode_case(2, 4, 2, 2, 0, 5, prefix="shared")
+    check(case, True)
+    g = torch.Generator().manual_seed(5)
+    case = decode_case(2, 4, 2, 3, 37, 9, prefix="task", seed=5)
+    case["key_padding_mask"] = torch.rand((2, 37), generator=g) > 0.3
+    force_split(monkeypatch)
+    out, lse = run_fwd(case, True, 0.2)
+    r_out, r_lse = oracle(case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"], case["task_ids"],
+                          case["key_padding_mask"], case["kv_lengths"], True, 0.2)
+    assert_close(out, r_out, rtol=2e-4, atol=2e-4, name="out")
+    assert_close(lse, r_lse, rtol=2e-4, atol=2e-4, name="lse")
+
+
+def test_decode_splits_trigger():
+    """GPU defaults at the issue's decode shapes (Hkv = 8, G * Lq = 4 -> one M block, BLOCK_N = 128): only B = 16
+    (128 programs < 264) with a 1024-key cache splits; 128-key caches and B >= 64 never do."""
+    assert pa.decode_splits(16 * 8, 1024, 128) == (3, 384)
+    assert pa.decode_splits(16 * 8, 128, 128) == (1, 128)
+    assert pa.decode_splits(64 * 8, 1024, 128) == (1, 1024)
+    assert pa.decode_splits(1 * 8, 1024, 128) == (4, 256)  # B = 1: one program per 256 keys
+    assert pa.decode_splits(8, 0, 128) == (1, 0)
+
+
+def loaded_bytes(traffic, t: torch.Tensor) -> tuple[int, int]:
+    """(loaded, distinct loaded) bytes that fall inside t's storage. Reads the counter's recorded addresses
+    (tagged as address * 16 + element size, see shared/tools/triton_traffic.py)."""
+    tagged = np.concatenate(traffic._load_addrs) if traffic._load_addrs else np.zeros(0, np.uint64)
+    addr = tagged // np.uint64(16)
+    lo = t.untyped_storage().data_ptr()
+    sel = tagged[(addr >= lo) & (addr < lo + t.untyped_storage().nbytes())]
+    return int((sel % np.uint64(16)).sum()), int((np.unique(sel) % np.uint64(16)).sum())
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_reads_own_keys_once_per_kv_head(split, monkeypatch):
+    """Decode pass 2 packs the GQA group into the M tile: each own key and value of a row, up to kv_lengths, is
+    loaded exactly once (split or not) -- the per-q-head kernel loaded them G = 4 times. The prefix is loaded
+    once per M block of stage 1 (here one: B * G * Lq = 16 queries per kv head)."""
+    B, Hq, Hkv, Lq, Lk, P, D = 4, 8, 2, 1, 64, 64, 32
+    case = decode_case(B, Hq, Hkv, Lq, Lk, P, prefix="shared", D=D)
+    case["kv_lengths"] = torch.tensor([64, 0, 40, 64])
+    once = int(case["kv_lengths"].sum()) * Hkv * D * 4  # float32 bytes of the live own keys, read once
+    if split:
+        force_split(monkeypatch)
+    with traffic_counter() as t:
+        run_fwd(case, True, 0.2)
+    for name in ("k", "v"):
+        assert loaded_bytes(t, case[name]) == (once, once), name
+    for name in ("prefix_k", "prefix_v"):
+        assert loaded_bytes(t, case[name]) == (Hkv * P * D * 4,) * 2, name
+    monkeypatch.setattr(pa, "DECODE_MAX_LQ", 0)  # the general kernel, one program per (row, q head)
+    with traffic_counter() as t_general:
+        run_fwd(case, True, 0.2)
+    assert loaded_bytes(t_general, case["k"])[0] >= (Hq // Hkv) * once
 
 def test_fully_padded_rows_are_zero_not_nan():
     # row 0: every sequence key padded and no prefix -> it sees nothing; row 1: kv_length 0; causal with

@@ -18,10 +18,25 @@ Decode (``use_decode_path``: kv_lengths given, Lq <= DECODE_MAX_LQ = 16, P > 0),
      that read one (task, kv head) -- M packs (row of the task, head of the GQA group, query) -- as one tiled
      GEMM, so the prefix is read once per BLOCK_M queries instead of once per (row, head). It stores the
      unnormalised online-softmax state (m, l, acc) in float32 (B * Hq * Lq * (d + 2) floats, no B * P * d).
-  2. ``_pa_fwd_kernel`` with HAS_INIT and P = 0 continues that state over each row's own keys (up to
-     kv_lengths[b]) and normalises: the merge is the online softmax itself, no separate merge pass.
-  Not done (yet): split-K over long own caches, and packing the GQA group into the M tile of pass 2 (own keys
-  are re-read once per q head of the group, from L2 on a GPU). The backward is the same for both paths.
+  2. ``_pa_decode_seq_kernel``, grid (S * cdiv(G * Lq, BLOCK_M), B * Hkv): a program owns one (batch row, kv
+     head) and packs the G * Lq queries of its GQA group into the M tile (the group's rows are contiguous in
+     (B, Hq, Lq)), so each own key/value tile is loaded once for all G heads instead of once per q head. It
+     continues stage 1's state over the row's own keys, whose loads stop at kv_lengths[b]. With S = 1 it
+     normalises and stores O and the LSE itself: the merge with the prefix is the online softmax, no merge pass.
+  3. Split-K (``decode_splits``, S > 1): when pass 2 has fewer than DECODE_SPLIT_MIN_PROGRAMS = 264 programs
+     (two per SM of an H200) and the cache holds >= 2 * DECODE_SPLIT_MIN_KEYS keys, the own keys are cut into
+     S chunks of >= DECODE_SPLIT_MIN_KEYS keys (a multiple of BLOCK_N; sized from the capacity Lk, so no device
+     sync on kv_lengths). Split 0 starts from the prefix state, the others from the empty state; each stores its
+     partial (m, l, acc) in float32 ((S, B * Hq * Lq, d + 2)), and ``_pa_decode_reduce_kernel``, grid
+     (cdiv(B * Hq * Lq, BLOCK_R),), combines them in split order (fixed: deterministic) and normalises.
+     Decision: at the issue's decode shapes (Hkv = 8, Lq = 1, G = 4, so one M block) only B = 16 with a
+     1024-key cache splits (3 chunks of 384 keys: 384 programs instead of 128, for ~0.8 MB of partials against
+     64 MB of bf16 own K/V); B >= 64 and 128-key caches never do. The split is there for small batches
+     (B = 1: 8 programs on 132 SMs), where it matters most.
+  Not done (yet): stage 1 has few programs on a GPU (BLOCK_M = 128: B = 16 gives cdiv(64, 128) * Hkv = 8
+  programs, B = 256 gives 64, each streaming all P prefix keys), so split-K over the prefix is the next step for
+  long prefixes; the GPU tile configs of the decode kernels are not tuned yet. The backward is the same for both
+  paths (it never reads the decode state).
 
 Backward, FlashAttention-2 style, everything recomputed from the saved LSE:
   1. ``_pa_bwd_pre_kernel``: delta = rowsum(dO * O) in float32, (B, Hq, Lq).
@@ -96,12 +111,24 @@ def _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale):
     return acc, m_new, l_i
 
 
+@triton.jit
+def _store_out(o_ptr, lse_ptr, row, rmask, acc, m_i, l_i, offs_d, D):
+    """Normalise an online-softmax state (m in log2 units) and store O (output dtype) and the natural-log LSE of
+    rows ``row`` of the flat (rows, D) output. A row that saw nothing (l = 0) gets O = 0 and LSE = -inf."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(o_ptr + row.to(tl.int64)[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (offs_d < D)[None, :])
+    tl.store(lse_ptr + row, lse, mask=rmask)
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 
 @triton.jit
 def _pa_fwd_kernel(
-    o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, task_ptr, kpm_ptr, kvlen_ptr, st_m_ptr, st_l_ptr, st_acc_ptr,
+    o_ptr, lse_ptr, q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, task_ptr, kpm_ptr, kvlen_ptr,
     Hq, G, Lq, Lk, P, D, qk_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
@@ -110,11 +137,8 @@ def _pa_fwd_kernel(
     s_pvt, s_pvh, s_pvn, s_pvd,
     s_mb, s_mn,
     CAUSAL: tl.constexpr, HAS_TASK: tl.constexpr, HAS_KPM: tl.constexpr, HAS_KVLEN: tl.constexpr,
-    HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """HAS_INIT (the decode path): start from the prefix's online-softmax state (m, l, acc) computed by
-    _pa_prefix_state_kernel instead of the prefix loop (the launcher passes P = 0)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -125,15 +149,9 @@ def _pa_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
 
     q = _load_tile(q_ptr + b * s_qb + h * s_qh, m, offs_d, s_qm, s_qd, Lq, D, UPCAST)
-    if HAS_INIT:
-        srow = bh * Lq + m
-        m_i = tl.load(st_m_ptr + srow, mask=m < Lq, other=float("-inf"))
-        l_i = tl.load(st_l_ptr + srow, mask=m < Lq, other=0.0)
-        acc = _load_tile(st_acc_ptr, srow, offs_d, D, 1, bh * Lq + Lq, D, True)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
 
     # 1. the prefix, read from the un-batched tensor of this row's task
     if HAS_TASK:
@@ -168,14 +186,7 @@ def _pa_fwd_kernel(
         v = _load_tile(v_base, n, offs_d, s_vn, s_vd, Lk, D, UPCAST)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    row = bh * Lq + m
-    tl.store(o_ptr + row.to(tl.int64)[:, None] * D + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=(m < Lq)[:, None] & (offs_d < D)[None, :])
-    tl.store(lse_ptr + row, lse, mask=m < Lq)
-
+    _store_out(o_ptr, lse_ptr, bh * Lq + m, m < Lq, acc, m_i, l_i, offs_d, D)
 
 
 @triton.jit
@@ -230,6 +241,114 @@ def _pa_prefix_state_kernel(
     tl.store(st_m_ptr + srow, m_i, mask=rmask)
     tl.store(st_l_ptr + srow, l_i, mask=rmask)
     tl.store(st_acc_ptr + srow[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None] & dmask)
+
+
+@triton.jit
+def _pa_decode_seq_kernel(
+    o_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, st_m_ptr, st_l_ptr, st_acc_ptr,
+    q_ptr, k_ptr, v_ptr, kpm_ptr, kvlen_ptr,
+    Hq, Hkv, G, Lq, Lk, D, R, chunk, n_mblocks, qk_scale,
+    s_qb, s_qh, s_qm, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_mb, s_mn,
+    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Decode pass 2: the own keys of one (batch row, kv head), continuing the prefix state of stage 1.
+
+    The M tile packs (head of the GQA group, query) -- G * Lq rows -- so every own key/value tile is loaded once
+    per (row, kv head, M block) and serves all G heads, instead of once per q head. program_id(0) is
+    split * n_mblocks + M block, program_id(1) is b * Hkv + kv head. Split s covers own keys
+    [s * chunk, (s + 1) * chunk) (chunk a multiple of BLOCK_N, so no key block straddles two splits); split 0
+    starts from the prefix state, the others from the empty state (m = -inf, l = 0, acc = 0).
+    SPLIT=False (one split, chunk >= Lk): normalise and store O and the LSE here. SPLIT=True: store the
+    unnormalised partial (m, l, acc) at rows split * R + row of the float32 part buffers; the reduce kernel
+    combines them. R = B * Hq * Lq."""
+    pid = tl.program_id(0)
+    bkv = tl.program_id(1).to(tl.int64)
+    split = pid // n_mblocks
+    mb = pid % n_mblocks
+    b = bkv // Hkv
+    kvh = bkv % Hkv
+    r = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < G * Lq
+    g = r // Lq
+    i = r % Lq
+    h = kvh * G + g
+    # (b * Hq + h) * Lq + i == (b * Hq + kvh * G) * Lq + r: the group's rows are contiguous in (B, Hq, Lq)
+    row = (b * Hq + kvh * G) * Lq + r
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = (offs_d < D)[None, :]
+    q = tl.load(q_ptr + (b * s_qb + h.to(tl.int64) * s_qh + i * s_qm)[:, None] + offs_d[None, :] * s_qd,
+                mask=rmask[:, None] & dmask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # initial state: the prefix's (m, l, acc) for split 0, masked to the empty state for the other splits
+    # (branch-free: a load whose mask is all false reads nothing). Written as one vector comparison: under the
+    # interpreter `rmask & (split == 0)` (vector & scalar) gives a mask tl.load rejects.
+    first = r < tl.where(split == 0, G * Lq, 0)
+    m_i = tl.load(st_m_ptr + row, mask=first, other=float("-inf"))
+    l_i = tl.load(st_l_ptr + row, mask=first, other=0.0)
+    acc = tl.load(st_acc_ptr + row[:, None] * D + offs_d[None, :], mask=first[:, None] & dmask, other=0.0)
+
+    kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
+    n_lo = split * chunk
+    # No causal cut of the loop: the tile holds query Lq - 1 of some head whenever it holds a whole head, and
+    # that query sees every key below Lk; causality is applied per (row, key) below.
+    n_hi = tl.minimum(kvlen, n_lo + chunk)
+    diag = Lk - Lq  # query i sees own key j iff j <= i + diag (when causal)
+    k_base = k_ptr + b * s_kb + kvh * s_kh
+    v_base = v_ptr + b * s_vb + kvh * s_vh
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n = n0 + offs_n
+        valid = (_seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM) & (n < n_hi))[None, :]
+        if CAUSAL:
+            valid = valid & (n[None, :] <= i[:, None] + diag)
+        # loads stop at n_hi (not at Lk): keys past kv_lengths[b] or in the next split are never fetched
+        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, n_hi, D, UPCAST))
+        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, n_hi, D, UPCAST)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
+
+    if SPLIT:
+        prow = split.to(tl.int64) * R + row
+        tl.store(part_m_ptr + prow, m_i, mask=rmask)
+        tl.store(part_l_ptr + prow, l_i, mask=rmask)
+        tl.store(part_acc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None] & dmask)
+    else:
+        _store_out(o_ptr, lse_ptr, row, rmask, acc, m_i, l_i, offs_d, D)
+
+
+@triton.jit
+def _pa_decode_reduce_kernel(
+    o_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, R, D, S,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Decode split-K reduce, grid (cdiv(R, BLOCK_R),): combines the S partial states of each of the R query rows
+    in split order 0, 1, ..., S - 1 (a fixed order: deterministic), then normalises and stores O and the LSE.
+    Every partial was written by its split (an empty chunk writes its initial state), so nothing is skipped."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = row < R
+    offs_d = tl.arange(0, BLOCK_D)
+    amask = rmask[:, None] & (offs_d < D)[None, :]
+    m_i = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for s in range(0, S):
+        prow = tl.cast(s, tl.int64) * R + row
+        m_s = tl.load(part_m_ptr + prow, mask=rmask, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + prow, mask=rmask, other=0.0)
+        acc_s = tl.load(part_acc_ptr + prow[:, None] * D + offs_d[None, :], mask=amask, other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: exp2(-inf - 0) = 0, no NaN
+        alpha = tl.exp2(m_i - m_safe)
+        beta = tl.exp2(m_s - m_safe)
+        l_i = l_i * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    _store_out(o_ptr, lse_ptr, row, rmask, acc, m_i, l_i, offs_d, D)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -434,6 +553,14 @@ def _check_head_dim(d: int) -> int:
 
 
 DECODE_MAX_LQ = 16
+# Split-K of the decode pass over the own keys. Pass 2 runs B * Hkv * (M blocks) programs; below about two
+# programs per SM (2 x 132 SMs on an H200) part of the GPU idles while each program streams its row's whole
+# cache, so the own keys are cut into chunks run by separate programs and a small reduce kernel combines the
+# partial states. A chunk is never shorter than DECODE_SPLIT_MIN_KEYS keys: shorter chunks would cost more in
+# partial-state traffic and the extra launch than they win in parallelism. Module-level so tests can force a
+# split under the interpreter (monkeypatch both; they are read at call time).
+DECODE_SPLIT_MIN_PROGRAMS = 264
+DECODE_SPLIT_MIN_KEYS = 256
 
 
 def use_decode_path(Lq: int, P: int, kv_lengths: torch.Tensor | None) -> bool:
@@ -442,16 +569,37 @@ def use_decode_path(Lq: int, P: int, kv_lengths: torch.Tensor | None) -> bool:
     return kv_lengths is not None and Lq <= DECODE_MAX_LQ and P > 0
 
 
-def _fwd_config(block_d: int, decode_lq: int | None = None) -> dict:
+def decode_splits(n_programs: int, Lk: int, block_n: int) -> tuple[int, int]:
+    """(number of splits S, own keys per split) of decode pass 2 with ``n_programs`` programs per split and an own
+    cache of Lk keys. Decided from the cache capacity Lk, not from kv_lengths (no device sync): splits past a
+    row's kv_lengths exit at once. The chunk is a multiple of block_n so no key block straddles two splits."""
+    if n_programs >= DECODE_SPLIT_MIN_PROGRAMS or Lk < 2 * DECODE_SPLIT_MIN_KEYS:
+        return 1, Lk
+    n = min(triton.cdiv(Lk, DECODE_SPLIT_MIN_KEYS), triton.cdiv(DECODE_SPLIT_MIN_PROGRAMS, n_programs))
+    chunk = triton.cdiv(triton.cdiv(Lk, n), block_n) * block_n
+    n = triton.cdiv(Lk, chunk)
+    return (n, chunk) if n > 1 else (1, Lk)
+
+
+def _fwd_config(block_d: int) -> dict:
     if _interpret():  # small tiles: cheap in the interpreter, and the tests cross several blocks
         return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
-    if decode_lq is not None:  # one query tile per row: the smallest tl.dot tile, long key blocks
-        return dict(BLOCK_M=16, BLOCK_N=128 if block_d <= 128 else 64, num_warps=4, num_stages=3)
     if block_d <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     if block_d <= 128:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _decode_config(block_d: int, group_rows: int) -> dict:
+    """Decode pass 2: the M tile holds the G * Lq rows of a (batch row, kv head) -- at least 16 (the smallest
+    tl.dot tile), at most 128 (64 for d = 256) -- with long key blocks. Not tuned on a GPU yet."""
+    if _interpret():  # 16 x 16: tests with G * Lq > 16 cross M blocks, and their caches cross key blocks
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1)
+    block_m = min(max(16, triton.next_power_of_2(group_rows)), 64 if block_d > 128 else 128)
+    block_n = 64 if block_m >= 64 or block_d > 128 else 128
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m >= 64 else 4,
+                num_stages=2 if block_d > 128 else 3)
 
 
 def _bwd_config(block_d: int) -> tuple[dict, dict]:
@@ -506,38 +654,79 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     lse = empty_output((B, Hq, Lq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    qk_scale = float(scale) * _LOG2E
+    upcast = _upcast(q, k, v, prefix_k, prefix_v)
+    if use_decode_path(Lq, P, kv_lengths):
+        _decode_forward(out, lse, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal,
+                        qk_scale, upcast, block_d)
+        return out, lse
     pk, s_pk = _prefix_args(prefix_k, q)
     pv, s_pv = _prefix_args(prefix_v, q)
     kpm, s_mb, s_mn = _mask_args(key_padding_mask, q)
     G = Hq // Hkv
-    qk_scale = float(scale) * _LOG2E
-    upcast = _upcast(q, k, v, prefix_k, prefix_v)
-    st_m = st_l = st_acc = q
-    decode = use_decode_path(Lq, P, kv_lengths)
-    if decode:  # stage 1: the prefix part of every query of a (task, kv head) as one tiled GEMM
-        T = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
-        order, offsets = _task_rows(task_ids, B, T, q.device)
-        st_m = empty_output((B, Hq, Lq), torch.float32, q.device)
-        st_l = empty_output((B, Hq, Lq), torch.float32, q.device)
-        st_acc = empty_output((B, Hq, Lq, D), torch.float32, q.device)
-        cfg1 = _fwd_config(block_d)
-        grid1 = (triton.cdiv(B * G * Lq, cfg1["BLOCK_M"]), T * Hkv)
-        _pa_prefix_state_kernel[grid1](
-            st_m, st_l, st_acc, q, pk, pv, order, offsets, Hq, Hkv, G, Lq, P, D, qk_scale,
-            *q.stride(), *s_pk, *s_pv, UPCAST=upcast, BLOCK_D=block_d, **cfg1,
-        )
-    cfg = _fwd_config(block_d, Lq if decode else None)
+    cfg = _fwd_config(block_d)
     grid = (triton.cdiv(Lq, cfg["BLOCK_M"]), B * Hq)
     _pa_fwd_kernel[grid](
         out, lse, q, k, v, pk, pv,
         task_ids if task_ids is not None else q, kpm, kv_lengths if kv_lengths is not None else q,
-        st_m, st_l, st_acc,
-        Hq, G, Lq, Lk, 0 if decode else P, D, qk_scale,
+        Hq, G, Lq, Lk, P, D, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), *s_pk, *s_pv, s_mb, s_mn,
         CAUSAL=bool(causal), HAS_TASK=task_ids is not None, HAS_KPM=key_padding_mask is not None,
-        HAS_KVLEN=kv_lengths is not None, HAS_INIT=decode, UPCAST=upcast, BLOCK_D=block_d, **cfg,
+        HAS_KVLEN=kv_lengths is not None, UPCAST=upcast, BLOCK_D=block_d, **cfg,
     )
     return out, lse
+
+
+def _decode_forward(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    prefix_k: torch.Tensor, prefix_v: torch.Tensor, task_ids: torch.Tensor | None,
+                    key_padding_mask: torch.Tensor | None, kv_lengths: torch.Tensor, causal: bool, qk_scale: float,
+                    upcast: bool, block_d: int) -> None:
+    """The decode path (see the module docstring): stage 1, pass 2 (split or not), and the reduce if split.
+    (The op never passes key_padding_mask with kv_lengths; the kernels honour both anyway.)"""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    P = prefix_k.shape[-2]
+    dev = q.device
+    pk, s_pk = _prefix_args(prefix_k, q)
+    pv, s_pv = _prefix_args(prefix_v, q)
+    kpm, s_mb, s_mn = _mask_args(key_padding_mask, q)
+    # stage 1: the prefix part of every query of a (task, kv head) as one tiled GEMM
+    T = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
+    order, offsets = _task_rows(task_ids, B, T, dev)
+    st_m = empty_output((B, Hq, Lq), torch.float32, dev)
+    st_l = empty_output((B, Hq, Lq), torch.float32, dev)
+    st_acc = empty_output((B, Hq, Lq, D), torch.float32, dev)
+    cfg1 = _fwd_config(block_d)
+    grid1 = (triton.cdiv(B * G * Lq, cfg1["BLOCK_M"]), T * Hkv)
+    _pa_prefix_state_kernel[grid1](
+        st_m, st_l, st_acc, q, pk, pv, order, offsets, Hq, Hkv, G, Lq, P, D, qk_scale,
+        *q.stride(), *s_pk, *s_pv, UPCAST=upcast, BLOCK_D=block_d, **cfg1,
+    )
+    # pass 2: own keys of each (batch row, kv head), the GQA group packed into the M tile
+    cfg = _decode_config(block_d, G * Lq)
+    n_mblocks = triton.cdiv(G * Lq, cfg["BLOCK_M"])
+    n_split, chunk = decode_splits(n_mblocks * B * Hkv, Lk, cfg["BLOCK_N"])
+    R = B * Hq * Lq
+    if n_split > 1:
+        part_m = empty_output((n_split, R), torch.float32, dev)
+        part_l = empty_output((n_split, R), torch.float32, dev)
+        part_acc = empty_output((n_split, R, D), torch.float32, dev)
+    else:
+        part_m = part_l = part_acc = st_m  # unused (SPLIT=False)
+    _pa_decode_seq_kernel[(n_split * n_mblocks, B * Hkv)](
+        out, lse, part_m, part_l, part_acc, st_m, st_l, st_acc, q, k, v, kpm, kv_lengths,
+        Hq, Hkv, G, Lq, Lk, D, R, chunk, n_mblocks, qk_scale,
+        *q.stride(), *k.stride(), *v.stride(), s_mb, s_mn,
+        CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, SPLIT=n_split > 1, UPCAST=upcast,
+        BLOCK_D=block_d, **cfg,
+    )
+    if n_split > 1:
+        block_r = 16 if _interpret() else 32
+        _pa_decode_reduce_kernel[(triton.cdiv(R, block_r),)](
+            out, lse, part_m, part_l, part_acc, R, D, n_split, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=1 if _interpret() else 4,
+        )
 
 
 def _task_rows(task_ids: torch.Tensor | None, B: int, T: int, device: torch.device
