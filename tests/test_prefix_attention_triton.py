@@ -188,6 +188,28 @@ def force_split(mp):
     mp.setattr(pa, "DECODE_SPLIT_MIN_KEYS", 1)
 
 
+def force_prefix_split(mp, min_keys=1):
+    """Split decode stage 1 over the prefix into chunks of max(min_keys, BLOCK_N = 16 here) keys (rounded up to a
+    multiple of 16) whenever P holds two of them."""
+    mp.setattr(pa, "DECODE_PREFIX_SPLIT_MIN_PROGRAMS", 10**9)
+    mp.setattr(pa, "DECODE_PREFIX_SPLIT_MIN_KEYS", min_keys)
+
+
+def spy_splits(mp):
+    """Record the (splits, chunk) the launcher picks: {"prefix": [(SP, chunk), ...], "own": [(S, chunk), ...]}."""
+    seen = {"prefix": [], "own": []}
+    for key, name in (("prefix", "decode_prefix_splits"), ("own", "decode_splits")):
+        orig = getattr(pa, name)
+
+        def spy(*args, _orig=orig, _key=key):
+            res = _orig(*args)
+            seen[_key].append(res)
+            return res
+
+        mp.setattr(pa, name, spy)
+    return seen
+
+
 def decode_case(B, Hq, Hkv, Lq, Lk, P, *, prefix, D=32, dtype=torch.float32, strided=False, seed=0):
     """A decode case whose kv_lengths hold both extremes: row 0 sees its whole cache, row 1 none of it."""
     g = torch.Generator().manual_seed(seed)
@@ -209,18 +231,21 @@ def run_fwd(case, causal, scale):
 @given(
     B=st.integers(1, 3), heads=st.sampled_from(((4, 2), (8, 1))), Lq=st.integers(1, 16), Lk=odd_len,
     P=st.integers(1, 40), prefix=st.sampled_from(["shared", "task"]), causal=st.booleans(),
-    dtype=st.sampled_from([torch.float32, torch.float16]), split=st.booleans(), strided=st.booleans(),
-    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float16]), split=st.booleans(), prefix_split=st.booleans(),
+    strided=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_decode_matches_oracle(B, heads, Lq, Lk, P, prefix, causal, dtype, split, strided, seed):
-    """Forward of the decode path (GQA-packed pass 2, split into key chunks + reduce or not) against the float64
-    oracle. Queries of a row whose own keys are all cut (kv_lengths 0, or causal with Lq > Lk) see the prefix."""
+def test_decode_matches_oracle(B, heads, Lq, Lk, P, prefix, causal, dtype, split, prefix_split, strided, seed):
+    """Forward of the decode path (stage 1 split over 16-key prefix chunks or not, GQA-packed pass 2 split into
+    own-key chunks + reduce or not) against the float64 oracle. Queries of a row whose own keys are all cut
+    (kv_lengths 0, or causal with Lq > Lk) see the prefix."""
     Hq, Hkv = heads
     case = decode_case(B, Hq, Hkv, Lq, Lk, P, prefix=prefix, dtype=dtype, strided=strided, seed=seed)
     scale = 32 ** -0.5
     with pytest.MonkeyPatch.context() as mp:
         if split:
             force_split(mp)
+        if prefix_split:
+            force_prefix_split(mp)
         out, lse = run_fwd(case, causal, scale)
     r_out, r_lse = oracle(case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"], case["task_ids"],
                           None, case["kv_lengths"], causal, scale)
@@ -299,6 +324,61 @@ def test_decode_splits_trigger():
     assert pa.decode_splits(8, 0, 128) == (1, 0)
 
 
+def test_decode_prefix_splits_trigger():
+    """GPU defaults at the issue's decode shapes (Hq = 32, Hkv = 8, Lq = 1, d = 128: stage 1 BLOCK_M = 128,
+    BLOCK_N = 64): stage 1 has 8 / 16 / 64 programs at B = 16 / 64 / 256 and splits the prefix towards 264."""
+    assert [pa.decode_stage1_programs(B, 4, 1, 8, 1, 128) for B in (16, 64, 256)] == [8, 16, 64]
+    plan = {(B, P): pa.decode_prefix_splits(pa.decode_stage1_programs(B, 4, 1, 8, 1, 128), P, 64)
+            for B in (16, 64, 256) for P in (512, 2048, 8192)}
+    assert plan == {
+        (16, 512): (2, 256), (16, 2048): (8, 256), (16, 8192): (32, 256),
+        (64, 512): (2, 256), (64, 2048): (8, 256), (64, 8192): (16, 512),
+        (256, 512): (2, 256), (256, 2048): (5, 448), (256, 8192): (5, 1664),
+    }
+    assert pa.decode_prefix_splits(8, 511, 64) == (1, 511)  # shorter than two minimum chunks
+    assert pa.decode_prefix_splits(264, 8192, 64) == (1, 8192)  # enough programs already
+    # per-task prefixes: one partial M block per task at most, so 16 single-row tasks give 16 blocks per kv head
+    assert pa.decode_stage1_programs(16, 4, 1, 8, 16, 128) == 128
+    assert pa.decode_stage1_programs(2, 4, 1, 8, 16, 128) == 16  # never more tasks than rows
+    for n_prog, P in ((1, 1), (3, 37), (7, 1000), (1, 4096), (100, 3000)):
+        sp, chunk = pa.decode_prefix_splits(n_prog, P, 64)
+        assert sp == 1 or (chunk % 64 == 0 and (sp - 1) * chunk < P <= sp * chunk), (n_prog, P)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,P,prefix,dtype,min_keys,own_split,plan", [
+    (5, 8, 2, 1, 21, 37, "task", torch.float32, 1, True, (3, 16)),     # GQA 4, chunks 16 + 16 + 5, both splits
+    (2, 8, 1, 16, 45, 40, "shared", torch.float16, 1, True, (3, 16)),  # MQA 8, Lq 16: 16 M blocks of stage 1
+    (4, 4, 2, 7, 33, 48, "task", torch.float32, 24, False, (2, 32)),   # chunks 32 + 16, pass 2 unsplit
+    (3, 8, 2, 3, 29, 30, "task", torch.float16, 32, True, (1, 30)),    # P shorter than two 32-key chunks
+])
+def test_decode_prefix_split(B, Hq, Hkv, Lq, Lk, P, prefix, dtype, min_keys, own_split, plan, monkeypatch):
+    """Stage 1 split over the prefix (with pass 2 split over the own keys as well or not): the launcher picks the
+    split, the result equals backend="reference" through the public op and the unsplit kernels, and is bitwise
+    the same in two runs. kv_lengths hold Lk (row 0) and 0 (row 1, which sees only the prefix)."""
+    import reprokernels as rk
+
+    case = decode_case(B, Hq, Hkv, Lq, Lk, P, prefix=prefix, dtype=dtype, seed=B + P)
+    args = (case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"])
+    kw = dict(task_ids=case["task_ids"], kv_lengths=case["kv_lengths"], scale=32 ** -0.5, return_lse=True)
+    out1, lse1 = rk.prefix_attention(*args, backend="triton", **kw)  # unsplit: far below the GPU thresholds
+    force_prefix_split(monkeypatch, min_keys)
+    if own_split:
+        force_split(monkeypatch)
+    seen = spy_splits(monkeypatch)
+    out, lse = rk.prefix_attention(*args, backend="triton", **kw)
+    assert seen["prefix"] == [plan]
+    (s_own, _), = seen["own"]
+    assert (s_own > 1) == own_split
+    out_again, lse_again = rk.prefix_attention(*args, backend="triton", **kw)
+    assert torch.equal(out, out_again) and torch.equal(lse, lse_again), "not deterministic"
+    tol = dict(rtol=2e-4, atol=2e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    assert_close(out, out1, name="out vs unsplit", **tol)
+    assert_close(lse, lse1, name="lse vs unsplit", **tol)
+    r_out, r_lse = rk.prefix_attention(*args, backend="reference", **kw)
+    assert_close(out, r_out, name="out vs reference", **tol)
+    assert_close(lse, r_lse, name="lse vs reference", **tol)
+
+
 def loaded_bytes(traffic, t: torch.Tensor) -> tuple[int, int]:
     """(loaded, distinct loaded) bytes that fall inside t's storage. Reads the counter's recorded addresses
     (tagged as address * 16 + element size, see shared/tools/triton_traffic.py)."""
@@ -330,6 +410,36 @@ def test_decode_reads_own_keys_once_per_kv_head(split, monkeypatch):
     with traffic_counter() as t_general:
         run_fwd(case, True, 0.2)
     assert loaded_bytes(t_general, case["k"])[0] >= (Hq // Hkv) * once
+
+def test_decode_prefix_split_reads_prefix_once_per_query_block(monkeypatch):
+    """Stage 1 split over the prefix (3 chunks: 16 + 16 + 5 keys) loads every prefix key and value exactly once per
+    M block of its task, as the unsplit stage does: 16 queries (2 rows x G = 4 x Lq = 2) of task 0 make one
+    block, 24 of task 1 two. Every output and partial state is stored once: the (SP, R, d + 2) float32 states
+    and O, LSE. Only q is read once per chunk."""
+    B, Hq, Hkv, Lq, Lk, P, D = 5, 8, 2, 2, 20, 37, 32
+    case = decode_case(B, Hq, Hkv, Lq, Lk, P, prefix="task", D=D)
+    case["task_ids"] = torch.tensor([1, 0, 1, 1, 0])
+    per_block = Hkv * P * D * 4  # float32 bytes of one task's prefix keys (or values)
+    expect = ((1 + 2) * per_block, 2 * per_block)  # (loaded, distinct)
+    R = B * Hq * Lq
+    with traffic_counter() as t1:
+        run_fwd(case, True, 0.2)
+    force_prefix_split(monkeypatch)
+    seen = spy_splits(monkeypatch)
+    with traffic_counter() as t:
+        run_fwd(case, True, 0.2)
+    assert seen["prefix"] == [(3, 16)] and seen["own"] == [(1, Lk)]
+    for name in ("prefix_k", "prefix_v"):
+        assert loaded_bytes(t1, case[name]) == expect, f"{name} unsplit"
+        assert loaded_bytes(t, case[name]) == expect, name
+    for name in ("k", "v"):
+        assert loaded_bytes(t, case[name]) == loaded_bytes(t1, case[name]), name
+    # each chunk's program loads its queries (pass 2 once more): q is the only input read more often
+    assert loaded_bytes(t1, case["q"]) == (2 * R * D * 4, R * D * 4)
+    assert loaded_bytes(t, case["q"]) == ((3 + 1) * R * D * 4, R * D * 4)
+    assert t1.stored == t1.stored_unique == R * (D + 2) * 4 + R * (D + 1) * 4
+    assert t.stored == t.stored_unique == 3 * R * (D + 2) * 4 + R * (D + 1) * 4
+
 
 def test_fully_padded_rows_are_zero_not_nan():
     # row 0: every sequence key padded and no prefix -> it sees nothing; row 1: kv_length 0; causal with

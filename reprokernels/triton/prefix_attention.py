@@ -14,29 +14,50 @@ queries can see (causal bound and kv_lengths cut the loop; the padding mask is a
 online softmax in the log2 domain and float32 accumulators; writes O once (input dtype) and the LSE.
 
 Decode (``use_decode_path``: kv_lengths given, Lq <= DECODE_MAX_LQ = 16, P > 0), forward only:
-  1. ``_pa_prefix_state_kernel``, grid (cdiv(B * G * Lq, BLOCK_M), T * Hkv): the prefix attention of all queries
-     that read one (task, kv head) -- M packs (row of the task, head of the GQA group, query) -- as one tiled
-     GEMM, so the prefix is read once per BLOCK_M queries instead of once per (row, head). It stores the
-     unnormalised online-softmax state (m, l, acc) in float32 (B * Hq * Lq * (d + 2) floats, no B * P * d).
+  1. ``_pa_prefix_state_kernel``, grid (cdiv(B * G * Lq, BLOCK_M), T * Hkv, SP): the prefix attention of all
+     queries that read one (task, kv head) -- M packs (row of the task, head of the GQA group, query) -- as one
+     tiled GEMM, so the prefix is read once per BLOCK_M queries instead of once per (row, head). Program
+     (M block, task * Hkv + kv head, sp) covers prefix keys [sp * chunk, (sp + 1) * chunk) only, so the split
+     leaves that total unchanged: each chunk is read once by each M block. It stores the unnormalised
+     online-softmax state (m, l, acc) of its queries over its chunk in float32: (SP, B * Hq * Lq, d + 2) floats in
+     all (no B * P * d).
+     Split over the prefix (``decode_prefix_splits``, SP > 1): when stage 1 has fewer than
+     DECODE_PREFIX_SPLIT_MIN_PROGRAMS = 264 programs with queries (two per SM of an H200; the count is
+     ``decode_stage1_programs``, Hkv * (cdiv(B * G * Lq, BLOCK_M) + min(T, B) - 1), exact for one task, host
+     sizes only: no device sync) and P >= 2 * DECODE_PREFIX_SPLIT_MIN_KEYS = 512, P is cut into
+     SP = min(cdiv(P, 256), cdiv(264, programs)) chunks of a multiple of BLOCK_N keys (the last one shorter).
+     Pass 2 merges the SP states when it loads its starting state (below): no extra pass.
   2. ``_pa_decode_seq_kernel``, grid (S * cdiv(G * Lq, BLOCK_M), B * Hkv): a program owns one (batch row, kv
      head) and packs the G * Lq queries of its GQA group into the M tile (the group's rows are contiguous in
-     (B, Hq, Lq)), so each own key/value tile is loaded once for all G heads instead of once per q head. It
-     continues stage 1's state over the row's own keys, whose loads stop at kv_lengths[b]. With S = 1 it
-     normalises and stores O and the LSE itself: the merge with the prefix is the online softmax, no merge pass.
-  3. Split-K (``decode_splits``, S > 1): when pass 2 has fewer than DECODE_SPLIT_MIN_PROGRAMS = 264 programs
-     (two per SM of an H200) and the cache holds >= 2 * DECODE_SPLIT_MIN_KEYS keys, the own keys are cut into
-     S chunks of >= DECODE_SPLIT_MIN_KEYS keys (a multiple of BLOCK_N; sized from the capacity Lk, so no device
-     sync on kv_lengths). Split 0 starts from the prefix state, the others from the empty state; each stores its
-     partial (m, l, acc) in float32 ((S, B * Hq * Lq, d + 2)), and ``_pa_decode_reduce_kernel``, grid
-     (cdiv(B * Hq * Lq, BLOCK_R),), combines them in split order (fixed: deterministic) and normalises.
-     Decision: at the issue's decode shapes (Hkv = 8, Lq = 1, G = 4, so one M block) only B = 16 with a
-     1024-key cache splits (3 chunks of 384 keys: 384 programs instead of 128, for ~0.8 MB of partials against
-     64 MB of bf16 own K/V); B >= 64 and 128-key caches never do. The split is there for small batches
-     (B = 1: 8 programs on 132 SMs), where it matters most.
-  Not done (yet): stage 1 has few programs on a GPU (BLOCK_M = 128: B = 16 gives cdiv(64, 128) * Hkv = 8
-  programs, B = 256 gives 64, each streaming all P prefix keys), so split-K over the prefix is the next step for
-  long prefixes; the GPU tile configs of the decode kernels are not tuned yet. The backward is the same for both
-  paths (it never reads the decode state).
+     (B, Hq, Lq)), so each own key/value tile is loaded once for all G heads instead of once per q head. Its
+     starting state is stage 1's: chunk 0's state, into which chunks 1 .. SP - 1 are merged in chunk order (a
+     fixed order: deterministic; with SP = 1 this is exactly the unsplit state). It continues that state over
+     the row's own keys, whose loads stop at kv_lengths[b]. With S = 1 it normalises and stores O and the LSE
+     itself: the merge with the prefix is the online softmax, no merge pass.
+  3. Split-K over the own keys (``decode_splits``, S > 1): when pass 2 has fewer than DECODE_SPLIT_MIN_PROGRAMS
+     = 264 programs (two per SM of an H200) and the cache holds >= 2 * DECODE_SPLIT_MIN_KEYS keys, the own keys
+     are cut into S chunks of >= DECODE_SPLIT_MIN_KEYS keys (a multiple of BLOCK_N; sized from the capacity Lk,
+     so no device sync on kv_lengths). Split 0 starts from the (merged) prefix state, the others from the empty
+     state; each stores its partial (m, l, acc) in float32 ((S, B * Hq * Lq, d + 2)), and
+     ``_pa_decode_reduce_kernel``, grid (cdiv(B * Hq * Lq, BLOCK_R),), combines them in split order (fixed:
+     deterministic) and normalises. Both splits compose: stage 1 over the prefix, pass 2 over the own keys.
+  Decisions at the issue's decode shapes (Hq = 32, Hkv = 8, Lq = 1, d = 128, so G * Lq = 4; stage 1 BLOCK_M = 128,
+  BLOCK_N = 64; pass 2 one M block, BLOCK_N = 128):
+     stage 1 over the prefix, SP x chunk (programs): B = 16 (8 programs unsplit): P = 512 -> 2 x 256 (16),
+     2048 -> 8 x 256 (64), 8192 -> 32 x 256 (256); B = 64 (16): 512 -> 2 x 256 (32), 2048 -> 8 x 256 (128),
+     8192 -> 16 x 512 (256); B = 256 (64): 512 -> 2 x 256 (128), 2048 -> 5 x 448 (320), 8192 -> 5 x 1664 (320).
+     The cost is SP - 1 extra partial states written and read: (SP - 1) * B * Hq * Lq * (d + 2) * 4 bytes each
+     way (B = 64, P = 8192: 16 MB, against 34 MB of bf16 prefix and 34 MB of own K/V at 128 keys), plus SP reads
+     of q instead of one (each chunk's program loads its Q tile; 0.5 MB per read there), for 16x the programs
+     on a GEMM that ran compute-bound on 16 of 132 SMs.
+     pass 2 over the own keys: only B = 16 with a 1024-key cache splits (3 chunks of 384 keys: 384 programs
+     instead of 128, for ~0.8 MB of partials against 64 MB of bf16 own K/V); B >= 64 and 128-key caches never
+     do. That split is there for small batches (B = 1: 8 programs on 132 SMs), where it matters most.
+  Not done (yet): neither split nor the tile configs of the decode kernels have been timed on a GPU (the
+  thresholds 264 programs / 256 keys are estimates from the work per program and the partial-state bytes);
+  with many tasks (T close to B) stage 1's program count is an upper bound and its grid still launches
+  T * Hkv * cdiv(B * G * Lq, BLOCK_M) * SP programs, most of which exit at once. The backward is the same for
+  both paths (it never reads the decode state).
 
 Backward, FlashAttention-2 style, everything recomputed from the saved LSE:
   1. ``_pa_bwd_pre_kernel``: delta = rowsum(dO * O) in float32, (B, Hq, Lq).
@@ -123,6 +144,17 @@ def _store_out(o_ptr, lse_ptr, row, rmask, acc, m_i, l_i, offs_d, D):
     tl.store(lse_ptr + row, lse, mask=rmask)
 
 
+@triton.jit
+def _merge_state(m_i, l_i, acc, m_s, l_s, acc_s):
+    """Combine two online-softmax states over disjoint key sets (m in log2 units). Two empty states (m = -inf)
+    give an empty state, never NaN. Merging into the empty state returns the other state exactly."""
+    m_new = tl.maximum(m_i, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: exp2(-inf - 0) = 0, no NaN
+    alpha = tl.exp2(m_i - m_safe)
+    beta = tl.exp2(m_s - m_safe)
+    return acc * alpha[:, None] + acc_s * beta[:, None], m_new, l_i * alpha + l_s * beta
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 
@@ -192,19 +224,25 @@ def _pa_fwd_kernel(
 @triton.jit
 def _pa_prefix_state_kernel(
     st_m_ptr, st_l_ptr, st_acc_ptr, q_ptr, pk_ptr, pv_ptr, order_ptr, off_ptr,
-    Hq, Hkv, G, Lq, P, D, qk_scale,
+    Hq, Hkv, G, Lq, P, D, R, chunk, qk_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_pkt, s_pkh, s_pkn, s_pkd,
     s_pvt, s_pvh, s_pvn, s_pvd,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Decode stage 1: the prefix attention of every query that reads prefix (task, kv head) as one tiled GEMM.
+    """Decode stage 1: the prefix attention of every query that reads prefix (task, kv head) as one tiled GEMM,
+    split over the prefix keys. Grid (M blocks, T * Hkv, SP).
+
     The M dimension packs (batch row of the task, head of the GQA group, query) so a block of BLOCK_M queries
-    from many rows shares each prefix tile: the prefix is read cdiv(rows * G * Lq, BLOCK_M) times per task and
-    kv head instead of once per (row, head). Writes the unnormalised online-softmax state (m in log2 units,
-    l, acc) of each query, which the sequence pass continues."""
+    from many rows shares each prefix tile. program_id(2) = sp owns prefix keys [sp * chunk, (sp + 1) * chunk)
+    (chunk a multiple of BLOCK_N: no key block straddles two chunks), so each prefix key is read once per M
+    block in total, split or not: cdiv(rows * G * Lq, BLOCK_M) times per task and kv head instead of once per
+    (row, head). Writes the unnormalised online-softmax state (m in log2 units, l, acc) of each query over its
+    chunk at rows sp * R + (b * Hq + h) * Lq + i of the (SP, R) / (SP, R, D) float32 state buffers
+    (R = B * Hq * Lq); pass 2 merges the SP states in chunk order and continues over the own keys."""
     pid = tl.program_id(0)
     th = tl.program_id(1).to(tl.int64)
+    sp = tl.program_id(2)
     t = th // Hkv
     kvh = th % Hkv
     r0 = tl.load(off_ptr + t)
@@ -229,15 +267,17 @@ def _pa_prefix_state_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    n_hi = tl.where(pid * BLOCK_M < nq, P, 0)  # programs past this task's queries do nothing
+    n_lo = sp * chunk
+    # this program's chunk; programs past this task's queries do nothing
+    n_hi = tl.where(pid * BLOCK_M < nq, tl.minimum(P, n_lo + chunk), n_lo)
     pk_base = pk_ptr + t * s_pkt + kvh * s_pkh
     pv_base = pv_ptr + t * s_pvt + kvh * s_pvh
-    for n0 in range(0, n_hi, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + offs_n
-        kT = tl.trans(_load_tile(pk_base, n, offs_d, s_pkn, s_pkd, P, D, UPCAST))
-        v = _load_tile(pv_base, n, offs_d, s_pvn, s_pvd, P, D, UPCAST)
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, (n < P)[None, :], qk_scale)
-    srow = (b * Hq + h) * Lq + i
+        kT = tl.trans(_load_tile(pk_base, n, offs_d, s_pkn, s_pkd, n_hi, D, UPCAST))
+        v = _load_tile(pv_base, n, offs_d, s_pvn, s_pvd, n_hi, D, UPCAST)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, (n < n_hi)[None, :], qk_scale)
+    srow = sp.to(tl.int64) * R + (b * Hq + h) * Lq + i
     tl.store(st_m_ptr + srow, m_i, mask=rmask)
     tl.store(st_l_ptr + srow, l_i, mask=rmask)
     tl.store(st_acc_ptr + srow[:, None] * D + offs_d[None, :], acc, mask=rmask[:, None] & dmask)
@@ -247,7 +287,7 @@ def _pa_prefix_state_kernel(
 def _pa_decode_seq_kernel(
     o_ptr, lse_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, st_m_ptr, st_l_ptr, st_acc_ptr,
     q_ptr, k_ptr, v_ptr, kpm_ptr, kvlen_ptr,
-    Hq, Hkv, G, Lq, Lk, D, R, chunk, n_mblocks, qk_scale,
+    Hq, Hkv, G, Lq, Lk, D, R, SP, chunk, n_mblocks, qk_scale,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
@@ -261,7 +301,8 @@ def _pa_decode_seq_kernel(
     per (row, kv head, M block) and serves all G heads, instead of once per q head. program_id(0) is
     split * n_mblocks + M block, program_id(1) is b * Hkv + kv head. Split s covers own keys
     [s * chunk, (s + 1) * chunk) (chunk a multiple of BLOCK_N, so no key block straddles two splits); split 0
-    starts from the prefix state, the others from the empty state (m = -inf, l = 0, acc = 0).
+    starts from the prefix state (the SP partial states of stage 1 merged in chunk order), the others from the
+    empty state (m = -inf, l = 0, acc = 0).
     SPLIT=False (one split, chunk >= Lk): normalise and store O and the LSE here. SPLIT=True: store the
     unnormalised partial (m, l, acc) at rows split * R + row of the float32 part buffers; the reduce kernel
     combines them. R = B * Hq * Lq."""
@@ -288,11 +329,19 @@ def _pa_decode_seq_kernel(
 
     # initial state: the prefix's (m, l, acc) for split 0, masked to the empty state for the other splits
     # (branch-free: a load whose mask is all false reads nothing). Written as one vector comparison: under the
-    # interpreter `rmask & (split == 0)` (vector & scalar) gives a mask tl.load rejects.
+    # interpreter `rmask & (split == 0)` (vector & scalar) gives a mask tl.load rejects. Stage 1 left SP partial
+    # prefix states (one per prefix chunk, rows sp * R + row): chunk 0's is loaded as is, chunks 1 .. SP - 1 are
+    # merged into it in chunk order (fixed: deterministic; SP = 1 is exactly the unsplit state).
     first = r < tl.where(split == 0, G * Lq, 0)
     m_i = tl.load(st_m_ptr + row, mask=first, other=float("-inf"))
     l_i = tl.load(st_l_ptr + row, mask=first, other=0.0)
     acc = tl.load(st_acc_ptr + row[:, None] * D + offs_d[None, :], mask=first[:, None] & dmask, other=0.0)
+    for sp in range(1, SP):
+        srow = tl.cast(sp, tl.int64) * R + row
+        m_s = tl.load(st_m_ptr + srow, mask=first, other=float("-inf"))
+        l_s = tl.load(st_l_ptr + srow, mask=first, other=0.0)
+        acc_s = tl.load(st_acc_ptr + srow[:, None] * D + offs_d[None, :], mask=first[:, None] & dmask, other=0.0)
+        acc, m_i, l_i = _merge_state(m_i, l_i, acc, m_s, l_s, acc_s)
 
     kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
     n_lo = split * chunk
@@ -341,13 +390,7 @@ def _pa_decode_reduce_kernel(
         m_s = tl.load(part_m_ptr + prow, mask=rmask, other=float("-inf"))
         l_s = tl.load(part_l_ptr + prow, mask=rmask, other=0.0)
         acc_s = tl.load(part_acc_ptr + prow[:, None] * D + offs_d[None, :], mask=amask, other=0.0)
-        m_new = tl.maximum(m_i, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: exp2(-inf - 0) = 0, no NaN
-        alpha = tl.exp2(m_i - m_safe)
-        beta = tl.exp2(m_s - m_safe)
-        l_i = l_i * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_i = m_new
+        acc, m_i, l_i = _merge_state(m_i, l_i, acc, m_s, l_s, acc_s)
     _store_out(o_ptr, lse_ptr, row, rmask, acc, m_i, l_i, offs_d, D)
 
 
@@ -561,6 +604,14 @@ DECODE_MAX_LQ = 16
 # split under the interpreter (monkeypatch both; they are read at call time).
 DECODE_SPLIT_MIN_PROGRAMS = 264
 DECODE_SPLIT_MIN_KEYS = 256
+# Split-K of decode stage 1 over the prefix keys. Stage 1 runs about Hkv * cdiv(B * G * Lq, BLOCK_M) programs
+# (16 at B = 64, Hq = 32, Hkv = 8, Lq = 1 with BLOCK_M = 128), each streaming all P prefix keys, so the prefix
+# is cut into SP chunks run by separate programs (a third grid dimension) until there are about two programs
+# per SM of an H200. A chunk is never shorter than DECODE_PREFIX_SPLIT_MIN_KEYS keys: every chunk costs a
+# float32 partial state per query (BLOCK_M * (d + 2) * 4 bytes per program, 66 KB at d = 128, written by stage
+# 1 and read by pass 2) against the chunk's BLOCK_M * chunk * d GEMM work. Module-level, read at call time.
+DECODE_PREFIX_SPLIT_MIN_PROGRAMS = 264
+DECODE_PREFIX_SPLIT_MIN_KEYS = 256
 
 
 def use_decode_path(Lq: int, P: int, kv_lengths: torch.Tensor | None) -> bool:
@@ -569,16 +620,38 @@ def use_decode_path(Lq: int, P: int, kv_lengths: torch.Tensor | None) -> bool:
     return kv_lengths is not None and Lq <= DECODE_MAX_LQ and P > 0
 
 
+def _key_splits(n_programs: int, n_keys: int, block_n: int, min_programs: int, min_keys: int) -> tuple[int, int]:
+    """(number of chunks, keys per chunk) that cut n_keys keys so that n_programs programs per chunk get close to
+    min_programs in total, with chunks of >= min_keys keys rounded up to a multiple of block_n (the last chunk
+    may be shorter). (1, n_keys) when there are enough programs already or fewer than 2 * min_keys keys."""
+    if n_programs >= min_programs or n_keys < 2 * min_keys:
+        return 1, n_keys
+    n = min(triton.cdiv(n_keys, min_keys), triton.cdiv(min_programs, n_programs))
+    chunk = triton.cdiv(triton.cdiv(n_keys, n), block_n) * block_n
+    n = triton.cdiv(n_keys, chunk)
+    return (n, chunk) if n > 1 else (1, n_keys)
+
+
 def decode_splits(n_programs: int, Lk: int, block_n: int) -> tuple[int, int]:
     """(number of splits S, own keys per split) of decode pass 2 with ``n_programs`` programs per split and an own
     cache of Lk keys. Decided from the cache capacity Lk, not from kv_lengths (no device sync): splits past a
     row's kv_lengths exit at once. The chunk is a multiple of block_n so no key block straddles two splits."""
-    if n_programs >= DECODE_SPLIT_MIN_PROGRAMS or Lk < 2 * DECODE_SPLIT_MIN_KEYS:
-        return 1, Lk
-    n = min(triton.cdiv(Lk, DECODE_SPLIT_MIN_KEYS), triton.cdiv(DECODE_SPLIT_MIN_PROGRAMS, n_programs))
-    chunk = triton.cdiv(triton.cdiv(Lk, n), block_n) * block_n
-    n = triton.cdiv(Lk, chunk)
-    return (n, chunk) if n > 1 else (1, Lk)
+    return _key_splits(n_programs, Lk, block_n, DECODE_SPLIT_MIN_PROGRAMS, DECODE_SPLIT_MIN_KEYS)
+
+
+def decode_prefix_splits(n_programs: int, P: int, block_n: int) -> tuple[int, int]:
+    """(number of prefix chunks SP, prefix keys per chunk) of decode stage 1 with ``n_programs`` programs per chunk
+    (see ``decode_stage1_programs``) and P prefix keys. Host-side sizes only (no device sync); the chunk is a
+    multiple of block_n, every chunk holds at least one key."""
+    return _key_splits(n_programs, P, block_n, DECODE_PREFIX_SPLIT_MIN_PROGRAMS, DECODE_PREFIX_SPLIT_MIN_KEYS)
+
+
+def decode_stage1_programs(B: int, G: int, Lq: int, Hkv: int, T: int, block_m: int) -> int:
+    """Programs of decode stage 1 that have queries, per prefix chunk: Hkv * sum over tasks of
+    cdiv(rows of the task * G * Lq, block_m). The rows per task live on the device, so this is the bound
+    Hkv * (cdiv(B * G * Lq, block_m) + min(T, B) - 1) (exact for one task); the rest of the T * Hkv * cdiv(B * G *
+    Lq, block_m) launched programs exit at once."""
+    return Hkv * (triton.cdiv(B * G * Lq, block_m) + min(T, B) - 1)
 
 
 def _fwd_config(block_d: int) -> dict:
@@ -681,7 +754,8 @@ def _decode_forward(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: to
                     prefix_k: torch.Tensor, prefix_v: torch.Tensor, task_ids: torch.Tensor | None,
                     key_padding_mask: torch.Tensor | None, kv_lengths: torch.Tensor, causal: bool, qk_scale: float,
                     upcast: bool, block_d: int) -> None:
-    """The decode path (see the module docstring): stage 1, pass 2 (split or not), and the reduce if split.
+    """The decode path (see the module docstring): stage 1 (split over the prefix or not), pass 2 (split over the
+    own keys or not), and the reduce if pass 2 is split.
     (The op never passes key_padding_mask with kv_lengths; the kernels honour both anyway.)"""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -694,20 +768,24 @@ def _decode_forward(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: to
     # stage 1: the prefix part of every query of a (task, kv head) as one tiled GEMM
     T = prefix_k.shape[0] if prefix_k.dim() == 4 else 1
     order, offsets = _task_rows(task_ids, B, T, dev)
-    st_m = empty_output((B, Hq, Lq), torch.float32, dev)
-    st_l = empty_output((B, Hq, Lq), torch.float32, dev)
-    st_acc = empty_output((B, Hq, Lq, D), torch.float32, dev)
+    R = B * Hq * Lq
     cfg1 = _fwd_config(block_d)
-    grid1 = (triton.cdiv(B * G * Lq, cfg1["BLOCK_M"]), T * Hkv)
-    _pa_prefix_state_kernel[grid1](
-        st_m, st_l, st_acc, q, pk, pv, order, offsets, Hq, Hkv, G, Lq, P, D, qk_scale,
+    n_mb1 = triton.cdiv(B * G * Lq, cfg1["BLOCK_M"])
+    n_psplit, pchunk = decode_prefix_splits(decode_stage1_programs(B, G, Lq, Hkv, T, cfg1["BLOCK_M"]), P,
+                                            cfg1["BLOCK_N"])
+    # the partial prefix states, one per chunk: (SP, R, d + 2) float32 in all
+    st_m = empty_output((n_psplit, R), torch.float32, dev)
+    st_l = empty_output((n_psplit, R), torch.float32, dev)
+    st_acc = empty_output((n_psplit, R, D), torch.float32, dev)
+    _pa_prefix_state_kernel[(n_mb1, T * Hkv, n_psplit)](
+        st_m, st_l, st_acc, q, pk, pv, order, offsets, Hq, Hkv, G, Lq, P, D, R, pchunk, qk_scale,
         *q.stride(), *s_pk, *s_pv, UPCAST=upcast, BLOCK_D=block_d, **cfg1,
     )
-    # pass 2: own keys of each (batch row, kv head), the GQA group packed into the M tile
+    # pass 2: own keys of each (batch row, kv head), the GQA group packed into the M tile; its split 0 merges the
+    # SP prefix states first
     cfg = _decode_config(block_d, G * Lq)
     n_mblocks = triton.cdiv(G * Lq, cfg["BLOCK_M"])
     n_split, chunk = decode_splits(n_mblocks * B * Hkv, Lk, cfg["BLOCK_N"])
-    R = B * Hq * Lq
     if n_split > 1:
         part_m = empty_output((n_split, R), torch.float32, dev)
         part_l = empty_output((n_split, R), torch.float32, dev)
@@ -716,7 +794,7 @@ def _decode_forward(out: torch.Tensor, lse: torch.Tensor, q: torch.Tensor, k: to
         part_m = part_l = part_acc = st_m  # unused (SPLIT=False)
     _pa_decode_seq_kernel[(n_split * n_mblocks, B * Hkv)](
         out, lse, part_m, part_l, part_acc, st_m, st_l, st_acc, q, k, v, kpm, kv_lengths,
-        Hq, Hkv, G, Lq, Lk, D, R, chunk, n_mblocks, qk_scale,
+        Hq, Hkv, G, Lq, Lk, D, R, n_psplit, chunk, n_mblocks, qk_scale,
         *q.stride(), *k.stride(), *v.stride(), s_mb, s_mn,
         CAUSAL=bool(causal), HAS_KPM=key_padding_mask is not None, SPLIT=n_split > 1, UPCAST=upcast,
         BLOCK_D=block_d, **cfg,
