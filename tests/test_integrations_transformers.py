@@ -146,3 +146,15 @@ def test_gpt2_is_supported() -> None:
     wrapped = PrefixTunedModel(model, PrefixKV(layers, kv, d, 2))
     out = wrapped(input_ids=torch.ones(2, 3, dtype=torch.long))
     assert out.logits.shape == (2, 3, model.config.vocab_size)
+
+
+def test_state_dict_holds_only_the_prefix() -> None:
+    model = tiny_llama()
+    layers, kv, d = _geometry(model)
+    wrapped = PrefixTunedModel(model, PrefixKV(layers, kv, d, 3, projection_hidden=8))
+    keys = set(wrapped.state_dict())
+    assert keys and all(k.startswith("prefix_kv.") for k in keys)
+    other = PrefixTunedModel(tiny_llama(), PrefixKV(layers, kv, d, 3, projection_hidden=8))
+    assert not other.load_state_dict(wrapped.state_dict()).missing_keys
+    for a, b in zip(wrapped.prefix_kv.parameters(), other.prefix_kv.parameters(), strict=True):
+        assert torch.equal(a, b)

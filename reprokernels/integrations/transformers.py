@@ -36,6 +36,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from ..nn._adapter_state import save_adapter_only
 from ..nn.soft_prompt import PromptTunedModel, SoftPrompt
 from ..nn.visual_prompt import freeze_backbone
 from ..ops.soft_prompt import soft_prompt_concat
@@ -94,6 +95,9 @@ class PrefixTunedModel(nn.Module):
     Forward: ``forward(input_ids=None, attention_mask=None, labels=None, *, inputs_embeds=None, task_ids=None,
     position_ids=None, **kwargs)`` -> what ``model`` returns. input_ids (B, L), attention_mask (B, L) over the
     model's own tokens (past included when a cache is passed), task_ids (B,) with ``num_tasks > 1``.
+
+    State: ``state_dict()`` holds only the prefix (keys ``prefix_kv.*``); the frozen backbone keeps its own
+    checkpoint (``self.model.state_dict()``).
     """
 
     def __init__(self, model: nn.Module, prefix_kv: PrefixSource, *, backend: str = "auto") -> None:
@@ -128,6 +132,7 @@ class PrefixTunedModel(nn.Module):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         for layer in layers:
             setattr(layer, STATE_ATTR, self._state)
+        save_adapter_only(self, ("model.",))
 
     @property
     def num_virtual_tokens(self) -> int:
