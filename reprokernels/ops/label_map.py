@@ -6,6 +6,7 @@ import importlib
 
 import torch
 
+from .._amp import no_autocast
 from .._backend import register_op, resolve_backend
 from .._validation import KERNEL_DTYPES, check_choice, check_float, check_same_device, check_tensor, value_range
 from ..reference.label_map import INPUTS, REDUCES, out_dtype
@@ -33,7 +34,8 @@ torch.library.define(
 
 @torch.library.impl("reprokernels::label_map_fwd", ["CPU", "CUDA"])
 def _fwd(logits, mapping, reduce, input, backend):
-    return importlib.import_module(_MODULES[backend]).label_map(logits, mapping, reduce, input)
+    with no_autocast(logits.device):
+        return importlib.import_module(_MODULES[backend]).label_map(logits, mapping, reduce, input)
 
 
 @torch.library.register_fake("reprokernels::label_map_fwd")
@@ -47,7 +49,8 @@ def _fwd_fake(logits, mapping, reduce, input, backend):
 @torch.library.impl("reprokernels::label_map_bwd", ["CPU", "CUDA"])
 def _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend):
     mod = importlib.import_module(_MODULES[backend])
-    dx, dw = mod.label_map_backward(grad, logits, mapping, out, lse, reduce, input, *needs)
+    with no_autocast(logits.device):
+        dx, dw = mod.label_map_backward(grad, logits, mapping, out, lse, reduce, input, *needs)
     return tuple(grad.new_empty((0,)) if t is None else t for t in (dx, dw))
 
 

@@ -8,6 +8,7 @@ import math
 
 import torch
 
+from .._amp import no_autocast
 from .._backend import default_backend, register_op, resolve_backend
 from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor, value_range
 from ..reference import prefix_attention as _ref
@@ -40,7 +41,9 @@ torch.library.define(
 @torch.library.impl("reprokernels::prefix_attention_fwd", ["CPU", "CUDA"])
 def _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
     mod = importlib.import_module(_MODULES[backend])
-    return mod.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale)
+    with no_autocast(q.device):
+        return mod.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal,
+                                    scale)
 
 
 @torch.library.register_fake("reprokernels::prefix_attention_fwd")
@@ -52,8 +55,9 @@ def _fwd_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_length
 def _bwd(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse, causal, scale,
          needs, backend):
     mod = importlib.import_module(_MODULES[backend])
-    grads = mod.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
-                                          kv_lengths, out, lse, causal, scale, *needs)
+    with no_autocast(q.device):
+        grads = mod.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                                              kv_lengths, out, lse, causal, scale, *needs)
     return tuple(grad_out.new_empty((0,)) if t is None else t for t in grads)
 
 
