@@ -37,6 +37,7 @@ from torch import nn
 
 from .._backend import BACKENDS
 from ..ops.soft_prompt import PromptedInputs, soft_prompt_concat
+from ._adapter_state import save_adapter_only
 from .visual_prompt import freeze_backbone
 
 __all__ = ["ENCODERS", "INITS", "PromptEncoder", "PromptTunedModel", "SoftPrompt"]
@@ -380,9 +381,7 @@ class PromptTunedModel(nn.Module):
         self.register_buffer("_embedding_tensor", None if in_model or is_module else weight.detach(),
                              persistent=False)
 
-        self.register_state_dict_post_hook(PromptTunedModel._drop_backbone_state)
-        self.register_load_state_dict_pre_hook(PromptTunedModel._remember_load_prefix)
-        self.register_load_state_dict_post_hook(PromptTunedModel._ignore_backbone_keys)
+        save_adapter_only(self, ("model.", "external_embedding."))
 
     # -- the embedding table, read fresh every call (follows .to(), dtype changes, tied weights)
 
@@ -400,27 +399,6 @@ class PromptTunedModel(nn.Module):
     @property
     def num_parameters(self) -> int:
         return self.soft_prompt.num_parameters
-
-    # -- state_dict: only the soft prompt
-
-    @staticmethod
-    def _drop_backbone_state(module: PromptTunedModel, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-        for key in [k for k in state_dict if k.startswith(prefix) and module._is_backbone_key(k[len(prefix):])]:
-            del state_dict[key]
-
-    @staticmethod
-    def _is_backbone_key(key: str) -> bool:
-        return key.startswith(("model.", "external_embedding."))
-
-    @staticmethod
-    def _remember_load_prefix(module: PromptTunedModel, state_dict: dict, prefix: str, *args: Any) -> None:
-        module._load_prefix = prefix
-
-    @staticmethod
-    def _ignore_backbone_keys(module: PromptTunedModel, incompatible: Any) -> None:
-        prefix = getattr(module, "_load_prefix", "")
-        missing = incompatible.missing_keys
-        missing[:] = [k for k in missing if not (k.startswith(prefix) and module._is_backbone_key(k[len(prefix):]))]
 
     # -- forward
 
