@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import Row, device_name, git_sha, peak_memory_mb, versions
+from benchmarks.common import Row, device_name, git_sha, peak_memory_mb, skipped, versions
 
 OP = "integrations"
 
@@ -92,9 +92,17 @@ def _time(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[fl
 
 def _row(shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object], device: torch.device,
          reps: int, note: str = "") -> Row:
-    med, lo, hi = _time(fn, device, reps)
+    """reps = 0: a single call (no warm-up), timed while its peak memory is measured (for minutes-long calls)."""
+    if reps:
+        med, lo, hi = _time(fn, device, reps)
+        peak = peak_memory_mb(fn, device)
+    else:
+        t0 = time.perf_counter()
+        peak = peak_memory_mb(fn, device)
+        med = lo = hi = (time.perf_counter() - t0) * 1e3
+        note = "; ".join(filter(None, [note, "one call, timed under the memory profiler"]))
     return Row(op=OP, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
-               median_ms=med, p20_ms=lo, p80_ms=hi, peak_mem_mb=peak_memory_mb(fn, device), note=note,
+               median_ms=med, p20_ms=lo, p80_ms=hi, peak_mem_mb=peak, note=note,
                device=device_name(device), versions=versions(), git_sha=git_sha(),
                timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
@@ -187,7 +195,7 @@ def _generate_rows(s: dict, device: torch.device, dtype: torch.dtype) -> list[Ro
                  device, reps)]
     pm = _peft(s, "prompt", s["P"], device, dtype)
     rows.append(_row(f"prompt P{s['P']} {shape}", dtype, "generate", "peft", _generate_fn(pm, ids, mask, new),
-                     device, 1, note="PEFT's generate re-inserts the prompt every step (wrong tokens)"))
+                     device, 0, note="PEFT's generate re-inserts the prompt every step (wrong tokens)"))
     rows.append(_row(f"prompt P{s['P']} {shape}", dtype, "generate", "accelerated",
                      _generate_fn(accelerate(pm), ids, mask, new), device, reps))
     for P in (s["P"], s["long_P"]):
@@ -215,13 +223,14 @@ def _annotate(rows: list[Row]) -> None:
 
 
 def run(device: torch.device, quick: bool = False) -> list[Row]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"bench integrations needs the hf extra (pip install 'reprokernels[hf]'): {e}") from e
+    except ImportError as e:  # a skipped row, so `reprokernels bench` over all ops still runs the others
+        return [skipped(OP, "all", dtype, mode, "all", device, f"needs the hf extra (pip install "
+                        f"'reprokernels[hf]'): {e}") for mode in ("train-step", "generate")]
     s = _shapes(quick)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = _train_rows(s, device, dtype) + _generate_rows(s, device, dtype)
     _annotate(rows)
     return rows
