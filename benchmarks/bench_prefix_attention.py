@@ -12,8 +12,17 @@ Providers
     ideal-sdpa      SDPA over already concatenated (B, Hq, P + L, d) keys/values with no mask (train only): the
                     flash speed the issue asks to keep; not a correct prefix attention (no causal mask).
     reference       ``prefix_attention(..., backend="reference")`` (the spec).
-    composite       ``backend="composite"``: prefix GEMM + ATen flash + LSE merge (the CPU default).
+    composite       ``backend="composite"``: ATen flash for the sequence (causal split into query chunks) and
+                    for the un-expanded prefix, exact LSE merge (the CPU default).
     triton          the fused kernels; a skipped row without a GPU.
+
+Peak memory (``peak_mem_mb``, MiB above what was allocated before the call, i.e. the inputs): on a GPU
+``torch.cuda.max_memory_allocated``; on the CPU the peak running total of PyTorch's CPU-allocator events during one
+call (``benchmarks.common.cpu_peak_memory_bytes``), which sees the allocations made inside ATen kernels and inside
+the custom op (the flash kernels' zeroed gradients, SDPA's float copy of the bool mask, ``torch.cat``'s copies).
+
+CPU times are single-threaded: ``benchmarks.common.time_fn`` uses ``torch.utils.benchmark.Timer``, whose
+``num_threads`` defaults to 1 (the row's device string gives the process's thread count, not the timed one).
 
 Minimum bytes: fwd reads q, each row's own k and v once, the prefix once (2 Hkv P d), writes out;
 fwd+bwd adds reading dO, O, q, k, v and the prefix again and writing dq, dk, dv, d prefix. FLOPs: 4 d per

@@ -323,6 +323,88 @@ def test_composite_never_allocates_the_expanded_prefix(T):
     assert max(s for _, s in rec.sizes) >= limit
 
 
+class _StorageRecorder(_AllocRecorder):
+    """Records the storage size (elements) of every op output: a stride-0 ``expand`` view allocates nothing."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((str(func), t.untyped_storage().nbytes() // max(t.element_size(), 1)))
+        return out
+
+
+@pytest.mark.parametrize("T", [None, 3])
+def test_composite_flash_plan_never_allocates_the_expanded_prefix(T):
+    # G * Lq = 64 query rows per batch row: the prefix goes through the flash kernel (stride-0 expanded prefix
+    # forward, one backward call per batch row); B * P * d still dwarfs every legitimate tensor
+    B, Hq, Hkv, Lq, Lk, P, d = 16, 1, 1, 64, 3, 512, 8
+    kw = _make(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, P=P, d=d, T=T, pad="lengths", dtype=torch.float32)
+    args = [kw.get(n) for n in ("q", "k", "v", "prefix_k", "prefix_v", "task_ids", "key_padding_mask", "kv_lengths")]
+    assert comp._flash_prefix(kw["q"], kw["prefix_k"])
+    with _StorageRecorder() as rec:
+        out, lse = comp.prefix_attention(*args, True, 0.125)
+        comp.prefix_attention_backward(torch.ones_like(out), *args, out, lse, True, 0.125, True, True, True, True,
+                                       True)
+    biggest = max(rec.sizes, key=lambda s: s[1])
+    assert biggest[1] < B * P * d, f"{biggest[0]} allocated {biggest[1]} elements (B*P*d = {B * P * d})"
+
+
+# ---------------------------------------------------------------- composite: query chunks and the flash plan
+
+
+def test_composite_splits_short_causal_attention_into_query_chunks():
+    q = torch.zeros(2, 4, 256, 8)
+    chunks = comp._seq_chunks(q, 256, None, None, True)  # the CPU training target: Lq = Lk = 256
+    assert [(c.a, c.b, c.kend, c.is_causal, c.mask is None) for c in chunks] == [
+        (0, 64, 64, True, True), (64, 128, 128, False, False), (128, 256, 256, False, False)]
+    assert len(comp._seq_chunks(q, 1024, None, None, True)) == 1  # > 512 keys: the kernel skips blocks itself
+    assert len(comp._seq_chunks(q, 256, None, None, False)) == 1
+    # Lq > Lk: the first Lq - Lk queries see no key; the chunks start after them, the first one square
+    assert [(c.a, c.b, c.kend, c.is_causal) for c in comp._seq_chunks(q[:, :, :200], 150, None, None, True)] == [
+        (50, 125, 75, True), (125, 200, 150, False)]
+    assert comp._flash_prefix(q, torch.zeros(4, 3, 8)) and not comp._flash_prefix(q[:, :, :15], torch.zeros(4, 3, 8))
+    assert not comp._flash_prefix(q.half(), torch.zeros(4, 3, 8))  # mixed dtypes: the GEMM plan
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(pad="mask"), dict(pad="lengths"), dict(T=3), dict(T=3, pad="mask", Hq=4, Hkv=1),
+    dict(Lq=131, Lk=160), dict(Lq=160, Lk=131, pad="lengths"), dict(P=None, pad="mask"), dict(P=None, Lq=150, Lk=130),
+    dict(Hq=4, Hkv=2), dict(Hq=4, Hkv=1, T=2, layout="transposed"),
+])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_composite_chunked_causal_and_flash_prefix_match_reference(cfg, causal, dtype):
+    # real sizes: Lq >= 128 and Lk <= 512 split causal attention into query chunks; G * Lq >= 64 takes the flash plan
+    kw = _make(**{"B": 3, "Hq": 2, "Hkv": 2, "Lq": 130, "Lk": 130, "P": 5, "d": 8, "dtype": dtype, **cfg})
+    if kw.get("key_padding_mask") is not None:
+        kw["key_padding_mask"][0] = False  # a row that sees no key of the sequence
+    got = _run("composite", kw, causal=causal)
+    want = _run("reference", kw, causal=causal)
+    _compare(got, want, scale=5 if dtype == torch.float32 else 100)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(pad="mask", Lq=9, Lk=4), dict(pad="lengths", Hq=4, Hkv=1), dict(T=3, pad="mask"), dict(P=None),
+    dict(Lq=3, Lk=11, T=2, layout="transposed"), dict(Lq=12, Lk=5),
+])
+@pytest.mark.parametrize("causal", [True, False])
+def test_composite_every_shape_through_chunks_and_flash_plan(monkeypatch, cfg, causal):
+    monkeypatch.setattr(comp, "_CHUNK_MIN_QUERIES", 2)
+    monkeypatch.setattr(comp, "_FLASH_PREFIX_MIN_ROWS", 1)
+    kw = _make(**{"Lq": 8, "Lk": 8, **cfg})
+    got = _run("composite", kw, causal=causal)
+    want = _run("reference", kw, causal=causal)
+    _compare(got, want, scale=100)
+
+
+def test_composite_flash_plan_is_deterministic():
+    kw = _make(B=3, Hq=4, Hkv=2, Lq=130, Lk=130, P=7, d=16, T=2, pad="lengths", dtype=torch.float32)
+    first, second = _run("composite", kw), _run("composite", kw)
+    for name, a, b in zip(("out", "lse", *NAMES), first, second, strict=True):
+        assert torch.equal(a, b), name
+
+
 # ---------------------------------------------------------------- registration
 
 
