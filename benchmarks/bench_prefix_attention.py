@@ -21,8 +21,8 @@ Peak memory (``peak_mem_mb``, MiB above what was allocated before the call, i.e.
 call (``benchmarks.common.cpu_peak_memory_bytes``), which sees the allocations made inside ATen kernels and inside
 the custom op (the flash kernels' zeroed gradients, SDPA's float copy of the bool mask, ``torch.cat``'s copies).
 
-CPU times are single-threaded: ``benchmarks.common.time_fn`` uses ``torch.utils.benchmark.Timer``, whose
-``num_threads`` defaults to 1 (the row's device string gives the process's thread count, not the timed one).
+CPU times use the process's thread count (the row's device string); rows written before 2026-11-29 15:15 UTC
+(git sha 6425d05 and earlier) were timed single-threaded (``torch.utils.benchmark.Timer``'s default).
 
 Minimum bytes: fwd reads q, each row's own k and v once, the prefix once (2 Hkv P d), writes out;
 fwd+bwd adds reading dO, O, q, k, v and the prefix again and writing dq, dk, dv, d prefix. FLOPs: 4 d per

@@ -88,7 +88,9 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool
     from torch.utils import benchmark
 
     fn()  # warm-up (and compilation for compiled providers)
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2 if quick else 1.0)
+    # num_threads: the Timer defaults to 1 thread; rows say "N threads" (device_name), so time with those
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.2 if quick else 1.0)
     times = np.asarray(m.times) * 1e3
     return float(np.median(times)), float(np.quantile(times, 0.2)), float(np.quantile(times, 0.8))
 
