@@ -124,6 +124,7 @@ def _train_step(model: Callable, params: list[torch.Tensor], ids, mask, labels) 
 
 
 def _no_prompt_step(model, ids, mask, labels) -> Callable[[], None]:
+    model.requires_grad_(False)  # frozen, as under PEFT: only the input embeddings get a gradient
     emb = model.get_input_embeddings()
 
     def step() -> None:

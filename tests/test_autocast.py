@@ -17,7 +17,6 @@ on, so the reference backend computes its matmuls in the autocast dtype and the 
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import pytest
@@ -34,21 +33,12 @@ from reprokernels.nn import (
     SampleSpecificMaskPrompter,
     SoftPrompt,
 )
-from tests.utils import assert_close, tolerances
+from tests.utils import assert_close, tolerances, triton_param
 
 Tensors = dict[str, torch.Tensor]
 
 
-def _triton_status() -> tuple[bool, str]:
-    try:
-        importlib.import_module("reprokernels.triton.label_map")
-    except Exception as e:  # triton missing or broken import: the triton cases skip
-        return False, f"reprokernels.triton unavailable: {e!r}"
-    return True, ""
-
-
-_TRITON_OK, _TRITON_WHY = _triton_status()
-_TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY))
+_TRITON = triton_param("label_map")
 BACKENDS = ["auto", "reference", _TRITON]
 DEVICES = [
     pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),

@@ -147,6 +147,29 @@ def _vision_model() -> Reprogrammer:
     return Reprogrammer(cnn, prompter, LabelMapping(_K_SRC, _K_TGT, method="linear"))
 
 
+def _train_two_steps(rank: int, dist: tuple, single: tuple, backbone: nn.Module, before: dict) -> None:
+    """Two optimizer steps of the DDP model on its shard next to one process on the whole batch: each step's
+    gradients must be the all-reduced ones (equal to the single process's, not the shard's), the backbone never
+    gets a gradient or an update, and the trainable parameters end equal.
+    dist / single: (module, optimizer, {name: trainable param}, loss_fn(module)); the single process's
+    loss_fn(module) on the shard alone gives the local gradient."""
+    ddp, opt, ddp_params, shard_loss = dist
+    ref, ref_opt, ref_params, full_loss = single
+    for _ in range(2):
+        local = torch.autograd.grad(shard_loss(ref), list(ref_params.values()))
+        shard_loss(ddp).backward()
+        full_loss(ref).backward()
+        _check_step(rank, ddp_params, ref_params, dict(zip(ref_params, local, strict=True)))
+        _assert_frozen(backbone, before, rank)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        ref_opt.zero_grad(set_to_none=True)
+        _assert_frozen(backbone, before, rank)
+    for name, p in ddp_params.items():
+        _close(p, ref_params[name], f"{name} after two steps", rank)
+
+
 def _vision_worker(rank: int) -> None:
     g = torch.Generator().manual_seed(1)
     x_all = torch.rand(WORLD * _B, 3, 5, 5, generator=g)
@@ -170,19 +193,9 @@ def _vision_worker(rank: int) -> None:
     ref_opt = torch.optim.SGD(list(ref.trainable_parameters()), lr=0.5, momentum=0.9)
     ddp.train()
     ref.train()
-    for _ in range(2):
-        local = torch.autograd.grad(F.cross_entropy(ref(x_all[shard]), y_all[shard]), list(ref_params.values()))
-        F.cross_entropy(ddp(x_all[shard]), y_all[shard]).backward()
-        F.cross_entropy(ref(x_all), y_all).backward()
-        _check_step(rank, ddp_params, ref_params, dict(zip(ref_params, local, strict=True)))
-        _assert_frozen(model.backbone, before, rank)
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad(set_to_none=True)
-        ref_opt.zero_grad(set_to_none=True)
-        _assert_frozen(model.backbone, before, rank)
-    for name, p in ddp_params.items():
-        _close(p, ref_params[name], f"{name} after two steps", rank)
+    _train_two_steps(rank, (ddp, opt, ddp_params, lambda m: F.cross_entropy(m(x_all[shard]), y_all[shard])),
+                     (ref, ref_opt, ref_params, lambda m: F.cross_entropy(m(x_all), y_all)),
+                     model.backbone, before)
 
     # Label-mapping statistics are local: all-reduce them before update() to get the full-data mapping.
     with torch.no_grad():
@@ -252,19 +265,8 @@ def _llama_worker(rank: int) -> None:
     assert sorted(ddp_params) == ["soft_prompt.prompt"]
     opt = torch.optim.Adam(model.trainable_parameters(), lr=0.1)
     ref_opt = torch.optim.Adam(ref.trainable_parameters(), lr=0.1)
-    for _ in range(2):
-        local = torch.autograd.grad(ref(**shard).loss, list(ref_params.values()))
-        ddp(**shard).loss.backward()
-        ref(**batch).loss.backward()
-        _check_step(rank, ddp_params, ref_params, dict(zip(ref_params, local, strict=True)))
-        _assert_frozen(model.model, before, rank)
-        opt.step()
-        ref_opt.step()
-        opt.zero_grad(set_to_none=True)
-        ref_opt.zero_grad(set_to_none=True)
-        _assert_frozen(model.model, before, rank)
-    for name, p in ddp_params.items():
-        _close(p, ref_params[name], f"{name} after two steps", rank)
+    _train_two_steps(rank, (ddp, opt, ddp_params, lambda m: m(**shard).loss),
+                     (ref, ref_opt, ref_params, lambda m: m(**batch).loss), model.model, before)
     import torch.distributed.fsdp as fsdp
 
     if hasattr(fsdp, "fully_shard"):  # FSDP2: torch >= 2.6

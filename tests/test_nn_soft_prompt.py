@@ -8,7 +8,6 @@ The modules must produce the same tensors (and the same prompt gradients) throug
 
 from __future__ import annotations
 
-import importlib
 import itertools
 
 import pytest
@@ -17,19 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from reprokernels.nn import PromptEncoder, PromptTunedModel, SoftPrompt
-from tests.utils import assert_close
+from tests.utils import assert_close, triton_param
 
-
-def _triton_status() -> tuple[bool, str]:
-    try:
-        importlib.import_module("reprokernels.triton.soft_prompt")
-    except Exception as e:  # triton missing or broken import: the triton cases skip
-        return False, f"reprokernels.triton.soft_prompt unavailable: {e!r}"
-    return True, ""
-
-
-_TRITON_OK, _TRITON_WHY = _triton_status()
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY))]
+BACKENDS = ["reference", triton_param("soft_prompt")]
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,6 @@ torch.cat / sigmoid / masks / normalisation in separate ops.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,19 +22,9 @@ from reprokernels.nn import (
     SampleSpecificMaskPrompter,
     freeze_backbone,
 )
-from tests.utils import assert_close
+from tests.utils import assert_close, triton_param
 
-
-def _triton_status() -> tuple[bool, str]:
-    try:
-        importlib.import_module("reprokernels.triton.visual_prompt")
-    except Exception as e:  # not written yet, triton missing, or broken import: the triton cases skip
-        return False, f"reprokernels.triton.visual_prompt unavailable: {e!r}"
-    return True, ""
-
-
-_TRITON_OK, _TRITON_WHY = _triton_status()
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _TRITON_OK, reason=_TRITON_WHY))]
+BACKENDS = ["reference", triton_param("visual_prompt")]
 
 
 def _norm(v: torch.Tensor, mean, std) -> torch.Tensor:

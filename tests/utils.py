@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import strategies as st
+
+
+def triton_param(module: str):
+    """``pytest.param("triton")`` that skips (with the reason) when ``reprokernels.triton.<module>`` cannot be
+    imported (triton missing or broken), so the other backends of a parametrised test still run."""
+    try:
+        importlib.import_module(f"reprokernels.triton.{module}")
+    except Exception as e:
+        return pytest.param("triton", marks=pytest.mark.skip(reason=f"reprokernels.triton.{module} unavailable: {e!r}"))
+    return pytest.param("triton")
+
 
 # (rtol, atol) for comparing a result in `dtype` against a float32/float64 reference.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
