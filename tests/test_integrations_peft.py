@@ -89,6 +89,8 @@ def test_prefix_path_really_reads_the_prefix() -> None:
         out = acc(input_ids=ids, attention_mask=mask).logits
     assert (out - plain).abs().max() > 1e-2
     assert acc._prefixed._state.calls == 2  # both layers went through prefix_attention
+    assert acc.unwrap() is pm
+    assert pm.get_base_model().config._attn_implementation != "reprokernels_prefix"
 
 
 def test_multitask_prompt_tuning_matches_peft() -> None:

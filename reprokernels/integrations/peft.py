@@ -130,6 +130,12 @@ class AcceleratedPeftModel(nn.Module):
     def num_virtual_tokens(self) -> int:
         return self.peft_model.active_peft_config.num_virtual_tokens
 
+    def unwrap(self) -> nn.Module:
+        """The PEFT model, with its base model's attention implementation restored (prefix tuning)."""
+        if self.peft_type == "PREFIX_TUNING":
+            self._prefixed.unwrap()
+        return self.peft_model
+
     def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
         """PEFT's ``save_pretrained`` (the adapter is the PEFT model's own parameters)."""
         return self.peft_model.save_pretrained(*args, **kwargs)
@@ -207,6 +213,6 @@ def accelerate(peft_model: nn.Module, *, backend: str = "auto") -> AcceleratedPe
 
     For prefix tuning the base model's attention implementation is switched to
     :data:`~reprokernels.integrations.transformers.ATTN_IMPLEMENTATION` (plain attention when no prefix is
-    active, so the base model alone still works); ``result._prefixed.unwrap()`` switches it back.
+    active, so the base model alone still works); ``result.unwrap()`` switches it back.
     """
     return AcceleratedPeftModel(peft_model, backend=backend)
