@@ -15,9 +15,10 @@ Inputs = dict[str, Any]
 
 
 def cache_length(inputs: Inputs) -> int:
-    """Tokens already in the step's KV cache (0 at prefill or without a cache)."""
+    """Tokens already in the KV cache of a call's or a step's inputs (0 at prefill, without a cache, or for a
+    legacy tuple cache, which transformers 5 ignores)."""
     cache = inputs.get("cache", inputs.get("past_key_values"))
-    return 0 if cache is None else int(cache.get_seq_length())
+    return 0 if cache is None or isinstance(cache, (tuple, list)) else int(cache.get_seq_length())
 
 
 def step_tokens(inputs: Inputs) -> torch.Tensor:

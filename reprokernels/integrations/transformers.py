@@ -75,11 +75,6 @@ def _kv_geometry(config: Any) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-def _past_length(kwargs: dict[str, Any]) -> int:
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return 0 if cache is None or isinstance(cache, (tuple, list)) else int(cache.get_seq_length())
-
-
 class PrefixTunedModel(nn.Module):
     """A frozen transformers decoder steered by per-layer prefix keys/values (prefix tuning, P-tuning v2, a
     shared instruction prefix), with attention computed by :func:`reprokernels.prefix_attention`.
@@ -149,9 +144,9 @@ class PrefixTunedModel(nn.Module):
     @contextmanager
     def prefixes_active(self, task_ids: torch.Tensor | None = None):
         """Within the block every attention layer of the model sees its prefix (computed once here)."""
-        checkpointing = getattr(type(self.model), "is_activation_checkpointing", None)
-        checkpointing = self.model.is_activation_checkpointing if checkpointing is not None else getattr(
-            self.model, "is_gradient_checkpointing", False)
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers >= 5.x name
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
         if checkpointing:
             raise ValueError("model: gradient checkpointing is on; its recomputed attention would run without the "
                              "prefix (PEFT refuses prefix tuning with it too): model.gradient_checkpointing_disable()")
@@ -176,7 +171,7 @@ class PrefixTunedModel(nn.Module):
             raise ValueError("input_ids/inputs_embeds: expected one of them, got neither")
         P = self.num_virtual_tokens
         if position_ids is None:
-            position_ids = positions(P + _past_length(kwargs), tokens.shape[1], tokens.device)
+            position_ids = positions(P + cache_length(kwargs), tokens.shape[1], tokens.device)
         else:
             position_ids = position_ids + P  # PEFT's shift for the cache-held prefix
         call = dict(kwargs, input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
