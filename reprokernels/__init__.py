@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._backend import BackendUnavailableError, default_backend, use_backend
 from ._cuda import CudaUnavailableError, cuda_available
 from ._info import info
+from ._validation import eager_checks
 from .ops.label_estimators import bayesian_label_mapping, greedy_label_mapping
 from .ops.label_histogram import label_histogram
 from .ops.label_map import label_map
@@ -25,6 +26,7 @@ __all__ = [
     "bayesian_label_mapping",
     "cuda_available",
     "default_backend",
+    "eager_checks",
     "greedy_label_mapping",
     "info",
     "label_histogram",

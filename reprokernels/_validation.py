@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -81,3 +83,85 @@ def value_range(t: torch.Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty integer tensor with one device-to-host sync (a range check before a launch)."""
     lo, hi = torch.stack([t.min(), t.max()]).tolist()
     return int(lo), int(hi)
+
+
+# --- checks of values (index ranges, non-zero std): eager on the host, or asynchronous on the device -----------
+#
+# A check of *values* needs them on the host: on a CUDA tensor that is a device-to-host sync per call, which
+# stalls the stream and cannot be captured in a CUDA graph. So the default is: CPU tensors are checked eagerly
+# (a named ValueError before any kernel runs; no sync exists on the CPU), CUDA tensors by a device-side
+# ``torch._assert_async`` (no sync; a bad value fails the stream with the same message). The kernels clamp or
+# mask every index they read, so a bad value never causes an out-of-bounds access either way.
+# ``REPROKERNELS_EAGER_CHECKS=1`` (or ``with reprokernels.eager_checks(True):``) restores the eager, named errors
+# on CUDA tensors at the price of one sync per checked tensor; ``0`` makes CPU tensors asynchronous too.
+
+def _eager_from_env() -> bool | None:
+    value = os.environ.get("REPROKERNELS_EAGER_CHECKS", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"REPROKERNELS_EAGER_CHECKS: expected 1, 0 or auto, got {value!r}")
+
+
+# None = by device (CPU eager, CUDA asynchronous). A plain module global so torch.compile can guard on it.
+_eager: bool | None = _eager_from_env()
+
+
+@contextmanager
+def eager_checks(enabled: bool | None = True) -> Iterator[None]:
+    """Check index ranges and other input *values* eagerly (named ``ValueError``, one host sync per checked
+    tensor on CUDA) inside the block; ``False``: asynchronously on every device; ``None``: the default (eager on
+    CPU tensors, device-side asserts on CUDA tensors). Process-wide while the block is open."""
+    global _eager
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"eager_checks: expected True, False or None, got {enabled!r}")
+    saved, _eager = _eager, enabled
+    try:
+        yield
+    finally:
+        _eager = saved
+
+
+def checks_are_eager(device: torch.device) -> bool:
+    """Whether value checks on tensors of ``device`` run eagerly on the host (see ``eager_checks``)."""
+    return device.type == "cpu" if _eager is None else _eager
+
+
+def _values_unreadable(t: torch.Tensor) -> bool:
+    """Meta and fake tensors (model construction on the meta device, torch.compile tracing) have no values."""
+    from torch._subclasses.fake_tensor import is_fake  # torch imports it at startup: free here
+
+    return t.device.type == "meta" or torch.compiler.is_compiling() or is_fake(t)
+
+
+def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = "") -> None:
+    """Every value of the integer tensor ``t`` in [lo, hi] (inclusive).
+
+    Eager: a ``ValueError`` naming ``name``, the range and the first offending bound. Asynchronous (CUDA by
+    default): ``torch._assert_async`` with the same message, no host sync. Skipped for empty, meta and fake
+    tensors and while torch.compile traces (the kernels clamp or mask indices, so nothing is read out of bounds).
+    """
+    if t.numel() == 0 or _values_unreadable(t):
+        return
+    why = f" ({what})" if what else ""
+    if checks_are_eager(t.device):
+        lo_v, hi_v = value_range(t)
+        if lo_v < lo or hi_v > hi:
+            raise ValueError(f"{name}: expected values in [{lo}, {hi}]{why}, got {lo_v if lo_v < lo else hi_v}")
+        return
+    ok = (t.min() >= lo) & (t.max() <= hi)
+    torch._assert_async(ok, f"{name}: expected values in [{lo}, {hi}]{why}")
+
+
+def check_nonzero(t: torch.Tensor, name: str) -> None:
+    """No zero in the float tensor ``t`` (eager: named ValueError; asynchronous on CUDA by default)."""
+    if t.numel() == 0 or _values_unreadable(t):
+        return
+    if checks_are_eager(t.device):
+        if bool((t == 0).any()):
+            raise ValueError(f"{name}: expected non-zero values, got {t.tolist()}")
+        return
+    torch._assert_async((t != 0).all(), f"{name}: expected non-zero values")

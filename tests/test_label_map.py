@@ -230,8 +230,8 @@ def test_triton_traffic_reads_each_row_once():
     ("mapping", "kwargs", "error", "message"),
     [
         (torch.tensor([3, 10]), {}, ValueError,
-         r"mapping: expected source indices in \[0, 9\] \(or -1 for none\), got 10"),
-        (torch.tensor([[3, -2]]), {}, ValueError, r"mapping: expected source indices .* got -2"),
+         r"mapping: expected values in \[-1, 9\] \(source indices, or -1 for none\), got 10"),
+        (torch.tensor([[3, -2]]), {}, ValueError, r"mapping: expected values in .* got -2"),
         (torch.tensor([1.0, 2.0]), {}, ValueError, r"mapping: a dense \(float\) mapping must be \(K_src=10, K_tgt\)"),
         (torch.rand(9, 3), {}, ValueError, r"mapping: a dense .* got shape \(9, 3\)"),
         (torch.tensor([True, False]), {}, TypeError, "mapping: expected a LongTensor of source indices"),

@@ -17,7 +17,7 @@ import importlib
 import torch
 
 from .._backend import register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_choice, check_float, check_same_device, check_tensor, value_range
+from .._validation import KERNEL_DTYPES, check_choice, check_float, check_index_range, check_same_device, check_tensor
 from ..reference.label_histogram import WEIGHTS, effective_topk
 
 OP = "label_histogram"
@@ -54,10 +54,7 @@ def _check_int(value: object, name: str, minimum: int) -> int:
 
 def _check_range(t: torch.Tensor, hi: int, name: str) -> None:
     """Integer labels in [0, hi), checked before any kernel reads memory (skipped while torch.compile traces)."""
-    if t.numel() and not torch.compiler.is_compiling():
-        lo, top = value_range(t)
-        if lo < 0 or top >= hi:
-            raise ValueError(f"{name}: expected values in [0, {hi - 1}], got {lo if lo < 0 else top}")
+    check_index_range(t, 0, hi - 1, name)
 
 
 def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_source: int, num_target: int, *,

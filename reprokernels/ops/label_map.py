@@ -8,7 +8,7 @@ import torch
 
 from .._amp import no_autocast
 from .._backend import register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_choice, check_float, check_same_device, check_tensor, value_range
+from .._validation import KERNEL_DTYPES, check_choice, check_float, check_index_range, check_same_device, check_tensor
 from ..reference.label_map import INPUTS, REDUCES, out_dtype
 
 OP = "label_map"
@@ -96,11 +96,7 @@ def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
     if mapping.dim() not in (1, 2):
         raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
     m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
-    if m2.numel() and not torch.compiler.is_compiling():
-        lo, hi = value_range(m2)
-        if lo < -1 or hi >= k_src:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"mapping: expected source indices in [0, {k_src - 1}] (or -1 for none), got {bad}")
+    check_index_range(m2, -1, k_src - 1, "mapping", "source indices, or -1 for none")
     return m2
 
 

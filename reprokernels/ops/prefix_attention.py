@@ -10,7 +10,7 @@ import torch
 
 from .._amp import no_autocast
 from .._backend import default_backend, register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_float, check_ndim, check_same_device, check_tensor, value_range
+from .._validation import KERNEL_DTYPES, check_float, check_index_range, check_ndim, check_same_device, check_tensor
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
@@ -107,10 +107,7 @@ def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: 
         raise TypeError(f"{name}: expected an integer tensor (int64/int32), got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.numel() and not torch.compiler.is_compiling():
-        lo_v, hi_v = value_range(t)
-        if lo_v < lo or hi_v > hi:
-            raise ValueError(f"{name}: expected values in [{lo}, {hi}] ({what}), got {lo_v if lo_v < lo else hi_v}")
+    check_index_range(t, lo, hi, name, what)
 
 
 def prefix_attention(

@@ -12,10 +12,10 @@ from .._validation import (
     FLOAT_DTYPES,
     KERNEL_DTYPES,
     check_float,
+    check_index_range,
     check_ndim,
     check_same_device,
     check_tensor,
-    value_range,
 )
 
 OP = "soft_prompt_concat"
@@ -112,11 +112,7 @@ def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: 
         raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    if t.numel() and not torch.compiler.is_compiling():
-        lo_v, hi_v = value_range(t)
-        if lo_v < 0 or hi_v > hi:
-            bad = lo_v if lo_v < 0 else hi_v
-            raise ValueError(f"{name}: expected values in [0, {hi}] ({what}), got {bad}")
+    check_index_range(t, 0, hi, name, what)
 
 
 def _extend(t: torch.Tensor, is_prompt: torch.Tensor, tok: torch.Tensor, prompt_value: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .._validation import (
     check_choice,
     check_float,
     check_ndim,
+    check_nonzero,
     check_pair,
     check_same_device,
 )
@@ -105,8 +106,8 @@ def _channel_vector(value, name: str, C: int, x: torch.Tensor) -> torch.Tensor |
     else:
         vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
         t = torch.tensor(vals, dtype=torch.float32, device=x.device)
-    if name == "std" and not torch.compiler.is_compiling() and bool((t == 0).any()):
-        raise ValueError(f"std: expected non-zero values, got {t.tolist()}")
+    if name == "std":
+        check_nonzero(t, "std")
     if t.numel() == 1 and C != 1:
         t = t.expand(C)
     if t.numel() != C:
