@@ -1,0 +1,63 @@
+"""The rules of the GPU-readiness audit (tools/aot_audit.py), as pure functions of its findings.
+
+A separate module so the rules can be tested without the audit's capture machinery (which replaces
+``JITFunction.run`` for the whole process): tests/test_aot_rules.py.
+"""
+
+from __future__ import annotations
+
+NUM_SMS = 132  # H100 SXM; an A100 has 108
+SMEM_PER_BLOCK = {80: 166_912, 90: 232_448}
+SMEM_PER_SM = {80: 167_936, 90: 233_472}
+GRID_LIMITS = (2**31 - 1, 65_535, 65_535)
+
+# Kernels whose launches stay under one wave at the benchmark shapes on purpose (the reason is the contract;
+# the kernel's source says the same).
+SMALL_BY_DESIGN: dict[str, str] = {}
+# fp32-only kernels whose FMA dots spill at the chosen tiles (bytes of spill stores, per arch), each explained
+# in the kernel's source; a regression past the budget fails the gate.
+FP32_SPILL_BUDGET: dict[str, int] = {}
+
+
+def violations(records: list[dict], cuda_records: list[dict], results: list[dict]) -> list[str]:
+    """Every rule broken, one line each.
+
+    records / cuda_records: per scenario ``{op, name, wave, error?, phases: {phase: {syncs: {what: n},
+    launches: [(kernel, (gx, gy, gz))]}}}`` (Triton launchers, CUDA launchers); results: per compiled kernel
+    and arch ``{kernel, config, dtype ("16bit" | "fp32"), arch, error? | regs, spill, smem, dots, mma}``.
+    """
+    bad = []
+    for rec in records + cuda_records:
+        tag = f"{rec['op']}/{rec['name']}" + (" [cuda launcher]" if rec.get("launcher") == "cuda" else "")
+        if "error" in rec:
+            bad.append(f"{tag}: the op failed: {rec['error']}")
+        for phase, d in rec.get("phases", {}).items():
+            for what, n in d["syncs"].items():
+                bad.append(f"{tag} {phase}: {n} host sync(s): {what}")
+    for rec in records:
+        for phase, d in rec.get("phases", {}).items():
+            for name, g in d["launches"]:
+                if any(a > lim for a, lim in zip(g, GRID_LIMITS, strict=True)):
+                    bad.append(f"{rec['op']}/{rec['name']} {phase}: {name} grid {g} past CUDA's limits")
+                progs = g[0] * g[1] * g[2]
+                if rec["wave"] and progs < NUM_SMS and name not in SMALL_BY_DESIGN:
+                    bad.append(f"{rec['op']}/{rec['name']} {phase}: {name} grid {g} = {progs} programs "
+                               f"< {NUM_SMS} (one wave)")
+    for r in results:
+        tag = f"{r['kernel']} [{r['config']}] {r['dtype']} sm{r['arch']}"
+        if "error" in r:
+            bad.append(f"{tag}: compile error: {' '.join(r['error'].split())[:400]}")
+            continue
+        if r["smem"] > SMEM_PER_BLOCK[r["arch"]]:
+            bad.append(f"{tag}: shared memory {r['smem']} B > {SMEM_PER_BLOCK[r['arch']]} B")
+        elif not r["dots"] and r["smem"] and SMEM_PER_SM[r["arch"]] // (r["smem"] + 1024) < 2:
+            bad.append(f"{tag}: shared memory {r['smem']} B leaves no room for 2 CTAs/SM (memory-bound kernel)")
+        if r["dtype"] == "16bit":
+            if r["spill"] != 0:
+                bad.append(f"{tag}: {r['spill']} B of register spills in a 16-bit kernel")
+            if r["mma"] == "FMA":
+                bad.append(f"{tag}: dot on FMA units, not tensor cores, in a 16-bit kernel")
+        elif r["spill"] > FP32_SPILL_BUDGET.get(r["kernel"], 0):
+            bad.append(f"{tag}: {r['spill']} B of register spills > budget "
+                       f"{FP32_SPILL_BUDGET.get(r['kernel'], 0)} B")
+    return bad
