@@ -52,6 +52,9 @@ python -m reprokernels info > "$out/info.txt" 2>&1
 
 unset TRITON_INTERPRET
 export HYPOTHESIS_PROFILE=ci
+log "no host sync + CUDA-graph replay of every op (tests/test_gpu_graphs.py)"
+timeout 240 python -m pytest -q tests/test_gpu_graphs.py -p no:cacheprovider > "$out/tests_graphs.log" 2>&1
+log "  $(tail -n 1 "$out/tests_graphs.log")"
 log "gpu-marked tests"
 timeout 300 python -m pytest -q -m gpu tests -p no:cacheprovider > "$out/tests_gpu.log" 2>&1
 log "  $(tail -n 1 "$out/tests_gpu.log")"
