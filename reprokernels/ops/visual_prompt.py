@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .._backend import register_op, resolve_backend
@@ -96,6 +97,17 @@ class VisualPromptFunction(torch.autograd.Function):
                 None, None, None, None, None, None)
 
 
+def _filled(vals: list[float], device: torch.device) -> torch.Tensor:
+    """A float32 vector of host numbers on ``device`` made by fill kernels: no host-to-device copy, so no stream
+    sync, and capturable in a CUDA graph even on first use (``torch.tensor(list, device=cuda)`` is neither)."""
+    if all(v == vals[0] for v in vals):
+        return torch.full((len(vals),), vals[0], dtype=torch.float32, device=device)
+    t = torch.empty(len(vals), dtype=torch.float32, device=device)
+    for i, v in enumerate(vals):
+        t[i].fill_(v)
+    return t
+
+
 def _channel_vector(value, name: str, C: int, x: torch.Tensor) -> torch.Tensor | None:
     """mean/std: None, a number, a sequence of C numbers, or a tensor of C values -> float32 (C,) on x's device."""
     if value is None:
@@ -103,16 +115,22 @@ def _channel_vector(value, name: str, C: int, x: torch.Tensor) -> torch.Tensor |
     if isinstance(value, torch.Tensor):
         check_same_device((name, value), ("x", x))
         t = value.detach().to(torch.float32).reshape(-1)
-    else:
-        vals = [float(value)] if isinstance(value, (int, float)) else [float(v) for v in value]
-        t = torch.tensor(vals, dtype=torch.float32, device=x.device)
-    if name == "std":
-        check_nonzero(t, "std")
-    if t.numel() == 1 and C != 1:
-        t = t.expand(C)
-    if t.numel() != C:
-        raise ValueError(f"{name}: expected {C} values (one per channel of x), got {t.numel()}")
-    return t.contiguous()
+        if name == "std":
+            check_nonzero(t, "std")
+        if t.numel() == 1 and C != 1:
+            t = t.expand(C)
+        if t.numel() != C:
+            raise ValueError(f"{name}: expected {C} values (one per channel of x), got {t.numel()}")
+        return t.contiguous()
+    # host numbers are checked on the host (as the float32 the kernels will divide by)
+    vals = [float(np.float32(float(v))) for v in ([value] if isinstance(value, (int, float)) else value)]
+    if name == "std" and any(v == 0 for v in vals):
+        raise ValueError(f"std: expected non-zero values, got {vals}")
+    if len(vals) == 1 and C != 1:
+        vals = vals * C
+    if len(vals) != C:
+        raise ValueError(f"{name}: expected {C} values (one per channel of x), got {len(vals)}")
+    return _filled(vals, x.device)
 
 
 def _mask_spec(mask, mask_width, patch, H: int, W: int, top: int, left: int, h2: int, w2: int):

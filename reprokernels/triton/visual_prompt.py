@@ -47,14 +47,24 @@ def _squash_grad(g, SQUASH: tl.constexpr):
 
 
 @triton.jit
-def _sample(xb, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w, RESIZE: tl.constexpr, ALIGN: tl.constexpr):
+def _idx(i, IDX64: tl.constexpr):
+    """A pixel coordinate as offset math needs it: int64 when some offset of the launch can pass 2**31."""
+    if IDX64:
+        return i.to(tl.int64)
+    else:
+        return i
+
+
+@triton.jit
+def _sample(xb, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w, RESIZE: tl.constexpr, ALIGN: tl.constexpr,
+            IDX64: tl.constexpr):
     """x at (iy, ix) of the (h2, w2) image on the canvas; xb points at x[b, c]. Float32; 0 where not inside."""
     if RESIZE == 0:
         v = tl.load(xb + iy * sxh + ix * sxw, mask=inside, other=0.0).to(tl.float32)
     elif RESIZE == 1:
         # PyTorch's nearest: floor(dst * (in / out)) in float32, capped at in - 1
-        sy = tl.minimum(tl.floor(iy.to(tl.float32) * scale_h).to(tl.int32), h - 1)
-        sx = tl.minimum(tl.floor(ix.to(tl.float32) * scale_w).to(tl.int32), w - 1)
+        sy = _idx(tl.minimum(tl.floor(iy.to(tl.float32) * scale_h).to(tl.int32), h - 1), IDX64)
+        sx = _idx(tl.minimum(tl.floor(ix.to(tl.float32) * scale_w).to(tl.int32), w - 1), IDX64)
         v = tl.load(xb + sy * sxh + sx * sxw, mask=inside, other=0.0).to(tl.float32)
     else:
         # PyTorch's area_pixel_compute_source_index + upsample_bilinear2d taps and weights
@@ -68,10 +78,12 @@ def _sample(xb, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w, RESIZE: tl.con
         fx = tl.where(inside, fx, 0.0)
         y0 = fy.to(tl.int32)
         x0 = fx.to(tl.int32)
-        y1 = y0 + (y0 < h - 1).to(tl.int32)
-        x1 = x0 + (x0 < w - 1).to(tl.int32)
         ly = fy - y0.to(tl.float32)
         lx = fx - x0.to(tl.float32)
+        y1 = _idx(y0 + (y0 < h - 1).to(tl.int32), IDX64)
+        x1 = _idx(x0 + (x0 < w - 1).to(tl.int32), IDX64)
+        y0 = _idx(y0, IDX64)
+        x0 = _idx(x0, IDX64)
         v00 = tl.load(xb + y0 * sxh + x0 * sxw, mask=inside, other=0.0).to(tl.float32)
         v01 = tl.load(xb + y0 * sxh + x1 * sxw, mask=inside, other=0.0).to(tl.float32)
         v10 = tl.load(xb + y1 * sxh + x0 * sxw, mask=inside, other=0.0).to(tl.float32)
@@ -93,22 +105,25 @@ def _vp_fwd_kernel(
     out_ptr, x_ptr, d_ptr, m_ptr, mean_ptr, std_ptr,
     C, h, w, H, W, h2, w2, top, left, rt, rl, rh, rw,
     sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, smb, smc, smh, smw, kh, kw,
-    scale_h, scale_w, fill, lo, hi,
+    scale_h, scale_w, fill, lo, hi, n_blocks,
     INVERT: tl.constexpr, HAS_MASK: tl.constexpr, SQUASH: tl.constexpr, PRE_NORM: tl.constexpr,
     RESIZE: tl.constexpr, ALIGN: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_MEAN: tl.constexpr,
-    HAS_STD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_STD: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    bc = tl.program_id(0).to(tl.int64)
+    # one grid axis (B * C * n_blocks programs): axis 1 would cap B * C or the pixel blocks at 65535
+    pid = tl.program_id(0)
+    bc = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
     b = bc // C
     c = bc % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < H * W
-    y = offs // W
-    xx = offs % W
+    y = _idx(offs // W, IDX64)
+    xx = _idx(offs % W, IDX64)
     iy = y - top
     ix = xx - left
     inside = valid & (iy >= 0) & (iy < h2) & (ix >= 0) & (ix < w2)
-    p = _sample(x_ptr + b * sxb + c * sxc, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w, RESIZE, ALIGN)
+    p = _sample(x_ptr + b * sxb + c * sxc, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w, RESIZE, ALIGN, IDX64)
     p = tl.where(inside, p, fill)
     if HAS_MASK:
         m = tl.load(m_ptr + b * smb + c * smc + (y // kh) * smh + (xx // kw) * smw, mask=valid, other=0.0)
@@ -147,20 +162,30 @@ def _vp_bwd_kernel(
     g_ptr, x_ptr, d_ptr, m_ptr, mean_ptr, std_ptr, dx_ptr, dd_ptr, dm_ptr,
     B, C, h, w, H, W, h2, w2, top, left, rt, rl, rh, rw,
     sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, smb, smc, smh, smw, kh, kw, Hc, Wc,
+    split_h, split_w, Hm, Wm, dm_tile_stride, n_mblocks,
     sdxb, sdxc, sdxh, Cm,
     scale_h, scale_w, fill, lo, hi,
     INVERT: tl.constexpr, HAS_MASK: tl.constexpr, SQUASH: tl.constexpr, PRE_NORM: tl.constexpr,
     RESIZE: tl.constexpr, ALIGN: tl.constexpr, HAS_CLAMP: tl.constexpr, HAS_MEAN: tl.constexpr,
     HAS_STD: tl.constexpr, NEED_X: tl.constexpr, NEED_D: tl.constexpr, NEED_M: tl.constexpr,
-    D_SHARED: tl.constexpr, M_BSHARED: tl.constexpr, M_CSHARED: tl.constexpr,
+    D_SHARED: tl.constexpr, M_BSHARED: tl.constexpr, M_CSHARED: tl.constexpr, IDX64: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    # A cell is a kh x kw window of canvas pixels. With a patch-resolution mask the launcher may split each mask
+    # cell into split_h x split_w tiles (cells of a finer virtual grid Hc x Wc) so that a few large windows still
+    # give enough programs; the mask gradient of a tile then leaves as a float32 partial in its own slab
+    # (dm_tile_stride apart), summed with the others afterwards.
+    pid = tl.program_id(0)
+    pid_m = pid % n_mblocks
+    pid_b = (pid // n_mblocks).to(tl.int64)
     cells = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cvalid = cells < Hc * Wc
     cy = cells // Wc
     cx = cells % Wc
+    my = cy // split_h
+    mx = cx // split_w
+    mcell = (my * smh + mx * smw)[None, :]
+    dm_cols = ((cy % split_h) * split_w + cx % split_w).to(tl.int64) * dm_tile_stride + my * Wm + mx
     bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     bvalid = bs < B
     valid2 = bvalid[:, None] & cvalid[None, :]
@@ -172,13 +197,13 @@ def _vp_bwd_kernel(
             inv_std = 1.0 / tl.load(std_ptr + c)
         if HAS_MASK:
             # the mask is constant over the cell's window: load it once per channel
-            m = tl.load(m_ptr + b2 * smb + c64 * smc + (cy * smh + cx * smw)[None, :], mask=valid2, other=0.0)
+            m = tl.load(m_ptr + b2 * smb + c64 * smc + mcell, mask=valid2, other=0.0)
             m = m.to(tl.float32)
         dm_c = tl.zeros((BLOCK_B, BLOCK_M), tl.float32)
         for ky in range(kh):
             for kx in range(kw):
-                y = cy * kh + ky
-                xx = cx * kw + kx
+                y = _idx(cy * kh + ky, IDX64)
+                xx = _idx(cx * kw + kx, IDX64)
                 if not HAS_MASK:
                     m = _fixed_mask(y, xx, rt, rl, rh, rw, INVERT)[None, :]
                 go = tl.load(g_ptr + b2 * sgb + c64 * sgc + (y * sgh + xx * sgw)[None, :], mask=valid2, other=0.0)
@@ -197,7 +222,7 @@ def _vp_bwd_kernel(
                         gv = gv * inv_std
                     if HAS_CLAMP:
                         p = _sample(x_ptr + b2 * sxb + c64 * sxc, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w,
-                                    RESIZE, ALIGN)
+                                    RESIZE, ALIGN, IDX64)
                         v = tl.where(inside, p, fill) + m * g
                         gv = tl.where((v >= lo) & (v <= hi), gv, 0.0)  # torch.clamp's pass-through rule
                     gp = gv
@@ -219,10 +244,11 @@ def _vp_bwd_kernel(
             if M_CSHARED:
                 dm_tot += dm_c
             else:
-                _store_rows(dm_ptr + c64 * Hc * Wc, Cm * Hc * Wc, bs, cells, dm_c, valid2, cvalid, M_BSHARED, pid_b)
+                _store_rows(dm_ptr + c64 * Hm * Wm, Cm * Hm * Wm, bs, dm_cols, dm_c, valid2, cvalid, M_BSHARED,
+                            pid_b)
     if NEED_M:
         if M_CSHARED:
-            _store_rows(dm_ptr, Cm * Hc * Wc, bs, cells, dm_tot, valid2, cvalid, M_BSHARED, pid_b)
+            _store_rows(dm_ptr, Cm * Hm * Wm, bs, dm_cols, dm_tot, valid2, cvalid, M_BSHARED, pid_b)
 
 
 def _scales(spec: VPSpec, h: int, w: int) -> tuple[float, float]:
@@ -233,6 +259,33 @@ def _scales(spec: VPSpec, h: int, w: int) -> tuple[float, float]:
         return float(np.float32(n_in) / np.float32(n_out))
 
     return one(h, spec.h2), one(w, spec.w2)
+
+
+# Grid axis 0 holds up to 2**31 - 1 programs (axes 1 and 2 only 65535): every launch here folds its work onto it.
+MAX_PROGRAMS = 2**31 - 1
+INT32_LIMIT = 2**31
+
+
+def grid_1d(programs: int, what: str) -> tuple[int]:
+    """A one-axis grid of ``programs`` programs, or a clear error (no launch) past axis 0's limit."""
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{what}: {programs} programs exceed a CUDA grid's {MAX_PROGRAMS} (input too large)")
+    return (max(programs, 1),)
+
+
+def _spatial_extent(shape: tuple[int, ...], strides: tuple[int, ...]) -> int:
+    """The largest element offset of the last two dims (those the kernels index in int32 unless IDX64)."""
+    return sum((n - 1) * abs(s) for n, s in zip(shape[-2:], strides[-2:], strict=True) if n > 0)
+
+
+def needs_idx64(*tensors: tuple[tuple[int, ...], tuple[int, ...]] | None) -> bool:
+    """Whether pixel offsets (coordinate x stride, sample and channel offsets are int64 anyway) can pass 2**31
+    for any (shape, strides) of a launch: then the kernels do that math in int64 (a rare, slower variant)."""
+    return any(t is not None and _spatial_extent(*t) >= INT32_LIMIT for t in tensors)
+
+
+def _layout(t: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    return None if t is None else (tuple(t.shape), tuple(t.stride()))
 
 
 def _common(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None, mean, std, spec: VPSpec) -> tuple:
@@ -256,6 +309,9 @@ def _common(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None, mea
         INVERT=spec.invert, HAS_MASK=mask is not None, SQUASH=_SQUASH[spec.squash],
         PRE_NORM=spec.order == "pre_norm", RESIZE=_RESIZE[spec.resize_mode], ALIGN=spec.align_corners,
         HAS_CLAMP=spec.has_clamp, HAS_MEAN=mean is not None, HAS_STD=std is not None,
+        # the canvas-sized outputs and buffers are contiguous: their plane is (H, W)
+        IDX64=needs_idx64(_layout(x), _layout(delta), _layout(mask), ((spec.H, spec.W), (spec.W, 1)),
+                          ((spec.h2, spec.w2), (spec.w2, 1))),
     )
     return tensors, geometry, sd, sm, (kh, kw), (scale_h, scale_w), flags
 
@@ -265,19 +321,51 @@ def visual_prompt(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | Non
     """Fused forward. Shapes as in ``reference.visual_prompt``; returns (B, C, H, W) contiguous in x's dtype."""
     B, C, h, w = x.shape
     out = empty_output((B, C, spec.H, spec.W), x.dtype, x.device)
-    if B == 0:
+    if out.numel() == 0:
         return out
     (m_t, mean_t, std_t), geometry, sd, sm, (kh, kw), (scale_h, scale_w), flags = _common(
         x, delta, mask, mean, std, spec)
     hw = spec.H * spec.W
     block = min(1024, triton.next_power_of_2(hw))
-    grid = (B * C, triton.cdiv(hw, block))
-    _vp_fwd_kernel[grid](
+    n_blocks = triton.cdiv(hw, block)
+    _vp_fwd_kernel[grid_1d(B * C * n_blocks, "visual_prompt")](
         out, x, delta, m_t, mean_t, std_t, C, h, w, *geometry, *x.stride(), *sd, *sm, kh, kw,
         scale_h, scale_w, spec.fill, spec.clamp_lo if spec.has_clamp else 0.0,
-        spec.clamp_hi if spec.has_clamp else 0.0, **flags, BLOCK=block, num_warps=4,
+        spec.clamp_hi if spec.has_clamp else 0.0, n_blocks, **flags, BLOCK=block, num_warps=4,
     )
     return out
+
+
+# Backward launch plan. BLOCK_B samples x BLOCK_M cells per program; a batch-shared gradient leaves one float32
+# partial per block of BLOCK_B samples. A patch-resolution mask has few, large cells (14 x 14 cells of 16 x 16
+# pixels at ImageNet size): its windows are split into tiles until there are about TARGET_PROGRAMS programs
+# (4 per SM of an H100), as long as the extra mask-gradient partials stay below 1/PARTIAL_FRACTION of the
+# incoming gradient's bytes.
+BLOCK_B_MAX = 32
+BLOCK_M = 64
+BLOCK_M_MASK = 32
+TARGET_PROGRAMS = 4 * 132
+PARTIAL_FRACTION = 8
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def window_split(kh: int, kw: int, Hm: int, Wm: int, n_bblocks: int, need_mask: bool, partial_cells: int,
+                 budget_cells: int, target: int = TARGET_PROGRAMS, block_m: int = BLOCK_M) -> tuple[int, int]:
+    """(split_h, split_w): tiles per kh x kw mask window, dividing it. Without a mask gradient every pixel is
+    its own cell (nothing to sum over a window). With one, the fewest tiles giving ``target`` programs whose
+    partials (``partial_cells`` float32 values per tile) stay within ``budget_cells``; ties go to more column
+    splits (adjacent programs then read adjacent pixels of a row)."""
+    if not need_mask:
+        return kh, kw
+    fits = [(sh, sw) for sh in _divisors(kh) for sw in _divisors(kw)
+            if sh * sw == 1 or sh * sw * partial_cells <= budget_cells]
+    enough = [s for s in fits if triton.cdiv(Hm * s[0] * Wm * s[1], block_m) * n_bblocks >= target]
+    if enough:
+        return min(enough, key=lambda s: (s[0] * s[1], -s[1]))
+    return max(fits, key=lambda s: (s[0] * s[1], s[1]))
 
 
 def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None,
@@ -289,12 +377,18 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
     dev = x.device
     need_mask = need_mask and mask is not None
     shared = delta.dim() == 3
-    Hc, Wc = (mask.shape[-2], mask.shape[-1]) if mask is not None else (spec.H, spec.W)
+    Hm, Wm = (mask.shape[-2], mask.shape[-1]) if mask is not None else (spec.H, spec.W)
     Bm, Cm = (mask.shape[0], mask.shape[1]) if mask is not None else (1, 1)
-    block_b = max(1, min(32, triton.next_power_of_2(max(B, 1))))
-    block_m = 64
+    kh, kw = spec.H // Hm, spec.W // Wm
+    block_b = max(1, min(BLOCK_B_MAX, triton.next_power_of_2(max(B, 1))))
     n_bblocks = triton.cdiv(B, block_b)
     resized = spec.resize_mode != "none"
+    dm_rows = n_bblocks if Bm == 1 else B  # rows of one tile's mask-gradient slab
+    block_m = BLOCK_M_MASK if need_mask else BLOCK_M
+    split_h, split_w = window_split(kh, kw, Hm, Wm, n_bblocks, need_mask, dm_rows * Cm * Hm * Wm,
+                                    B * C * spec.H * spec.W * grad.element_size() // (4 * PARTIAL_FRACTION),
+                                    block_m=block_m)
+    n_tiles = split_h * split_w
 
     dx = d_placed = None
     if need_x:
@@ -308,19 +402,22 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
               else empty_output(tuple(delta.shape), delta.dtype, dev))
     dm = None
     if need_mask:
-        dm = (empty_output((n_bblocks, Cm, Hc, Wc), torch.float32, dev) if Bm == 1
-              else empty_output((B, Cm, Hc, Wc), mask.dtype, dev))
+        dm = (empty_output((n_tiles, dm_rows, Cm, Hm, Wm), torch.float32, dev) if Bm == 1 or n_tiles > 1
+              else empty_output((B, Cm, Hm, Wm), mask.dtype, dev))
 
     if B > 0 and (need_x or need_delta or need_mask):
-        (m_t, mean_t, std_t), geometry, sd, sm, (kh, kw), (scale_h, scale_w), flags = _common(
+        (m_t, mean_t, std_t), geometry, sd, sm, _, (scale_h, scale_w), flags = _common(
             x, delta, mask, mean, std, spec)
+        flags["IDX64"] = flags["IDX64"] or needs_idx64(_layout(grad))
         dx_t = dx if dx is not None else d_placed
         sdx = dx_t.stride()[:3] if dx_t is not None else (0, 0, 0)
-        grid = (triton.cdiv(Hc * Wc, block_m), n_bblocks)
-        _vp_bwd_kernel[grid](
+        Hc, Wc = Hm * split_h, Wm * split_w
+        n_mblocks = triton.cdiv(Hc * Wc, block_m)
+        _vp_bwd_kernel[grid_1d(n_mblocks * n_bblocks, "visual_prompt backward")](
             grad, x, delta, m_t, mean_t, std_t,
             dx_t if dx_t is not None else x, dd if dd is not None else x, dm if dm is not None else x,
-            B, C, h, w, *geometry, *grad.stride(), *x.stride(), *sd, *sm, kh, kw, Hc, Wc, *sdx, Cm,
+            B, C, h, w, *geometry, *grad.stride(), *x.stride(), *sd, *sm, kh // split_h, kw // split_w, Hc, Wc,
+            split_h, split_w, Hm, Wm, dm_rows * Cm * Hm * Wm if n_tiles > 1 else 0, n_mblocks, *sdx, Cm,
             scale_h, scale_w, spec.fill, spec.clamp_lo if spec.has_clamp else 0.0,
             spec.clamp_hi if spec.has_clamp else 0.0, **flags,
             NEED_X=need_x, NEED_D=need_delta, NEED_M=need_mask, D_SHARED=shared, M_BSHARED=Bm == 1,
@@ -330,7 +427,7 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
         if dd is not None and shared:
             dd = torch.zeros((1, C, spec.H, spec.W), dtype=torch.float32, device=dev)
         if dm is not None and Bm == 1:
-            dm = torch.zeros((1, Cm, Hc, Wc), dtype=torch.float32, device=dev)
+            dm = torch.zeros((1, 1, Cm, Hm, Wm), dtype=torch.float32, device=dev)
 
     if need_x and resized:
         if spec.resize_mode == "bilinear":
@@ -339,8 +436,9 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
         else:
             dx = torch.ops.aten.upsample_nearest2d_backward(d_placed, [spec.h2, spec.w2], [B, C, h, w], None, None)
         dx = dx.to(x.dtype)
+    # second pass over the float32 partials: torch's sum, a fixed order for given shapes (no atomics)
     if dd is not None and shared:
         dd = dd.sum(0).to(delta.dtype)
-    if dm is not None and Bm == 1:
-        dm = dm.sum(0, keepdim=True).to(mask.dtype)
+    if dm is not None and dm.dim() == 5:
+        dm = (dm.sum((0, 1)).unsqueeze(0) if Bm == 1 else dm.sum(0)).to(mask.dtype)
     return dx, dd, dm
