@@ -2,12 +2,14 @@
 
 The extension is raw-pointer CUDA kernels plus a pybind11 module: no torch headers, static cudart, so it
 builds against any torch (CPU wheels included) and has no torch ABI to mismatch. This file never imports
-torch, never probes GPUs and never downloads anything.
+torch and never downloads anything. pip hides a build's output unless ``-v``, so a build nobody can use must
+not happen silently: left to itself (switch unset) it builds only where nvcc *and* an NVIDIA driver with a GPU
+are present (read from /proc/driver/nvidia, else ``nvidia-smi -L``); the nvcc step takes about 80 s.
 
 Switches (environment variables):
-  REPROKERNELS_BUILD_CUDA=1        build the extension; fail loudly if nvcc is missing
+  REPROKERNELS_BUILD_CUDA=1        build the extension; fail loudly if nvcc (or pybind11) is missing
   REPROKERNELS_BUILD_CUDA=0        skip it (pure Python + Triton install)
-  (unset)                          build it when nvcc is found
+  (unset)                          build it when nvcc is found and this machine has an NVIDIA GPU
   REPROKERNELS_CUDA_ARCHS="80;90"  SASS targets; PTX of the newest is embedded too (default "80;90")
   REPROKERNELS_STRICT_BUILD=1      warnings are errors and any register spill reported by ptxas fails the build
   CUDA_HOME / CUDA_PATH            the toolkit (default: the directory above the nvcc on PATH)
@@ -56,6 +58,21 @@ def _gencode_flags(archs: tuple[str, ...]) -> list[str]:
     return flags
 
 
+def _nvidia_gpu_present() -> bool:
+    """Whether an NVIDIA driver reports a GPU here, without importing torch or initialising CUDA."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir():
+        return any(gpus.iterdir())
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return False
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return any(line.startswith("GPU ") for line in out.splitlines())
+
+
 def _decide() -> tuple[bool, str, str | None]:
     """(build?, reason, nvcc path)."""
     switch = os.environ.get("REPROKERNELS_BUILD_CUDA", "").strip()
@@ -70,8 +87,11 @@ def _decide() -> tuple[bool, str, str | None]:
     if switch not in ("",):
         sys.exit(f"reprokernels: REPROKERNELS_BUILD_CUDA must be 0, 1 or unset, got {switch!r}")
     if nvcc is None:
-        return False, "skipped: nvcc not found at install time", None
-    return True, "built: nvcc found at install time", nvcc
+        return False, "skipped: nvcc not found at install time (REPROKERNELS_BUILD_CUDA=1 requires it)", None
+    if not _nvidia_gpu_present():
+        return False, ("skipped: no NVIDIA GPU at install time, nothing here could run it "
+                       "(REPROKERNELS_BUILD_CUDA=1 builds it anyway, about 80 s)"), nvcc
+    return True, "built: nvcc and an NVIDIA GPU found at install time", nvcc
 
 
 def _nvcc_version(nvcc: str) -> str:
@@ -147,7 +167,11 @@ def main() -> None:
     ext_modules: list[Extension] = []
     cmdclass = {}
     if build:
-        import pybind11  # build requirement; imported only when the extension is built
+        try:  # a build requirement; with --no-build-isolation it must already be in the environment
+            import pybind11
+        except ImportError:
+            sys.exit("reprokernels: building the CUDA extension needs pybind11, which this environment lacks "
+                     "(with --no-build-isolation, pip install \"pybind11>=2.10\" first)")
 
         archs = _archs()
         strict = os.environ.get("REPROKERNELS_STRICT_BUILD", "") == "1"
@@ -168,9 +192,11 @@ def main() -> None:
             )
         )
         cmdclass["build_ext"] = NvccBuildExt
-        print(f"reprokernels: building the CUDA extension for sm_{', sm_'.join(archs)} (+PTX) with nvcc {info['nvcc']}")
+        # stderr: the one line pip shows with -v, and what a plain setup.py run prints
+        print(f"reprokernels: building the CUDA extension for sm_{', sm_'.join(archs)} (+PTX) with nvcc "
+              f"{info['nvcc']} ({reason}); about 80 s", file=sys.stderr)
     else:
-        print(f"reprokernels: CUDA extension {reason}; installing pure Python + Triton")
+        print(f"reprokernels: CUDA extension {reason}; installing pure Python + Triton", file=sys.stderr)
     BUILD_INFO.write_text(json.dumps(info, indent=1) + "\n")
     setup(ext_modules=ext_modules, cmdclass=cmdclass)
 

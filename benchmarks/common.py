@@ -7,11 +7,16 @@ each output written once), so 100 % means a perfect one-pass kernel at the measu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import os
 import platform
+import re
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -95,6 +100,36 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool
     return float(np.median(times)), float(np.quantile(times, 0.2)), float(np.quantile(times, 0.8))
 
 
+# Kineto's C++ logger writes these straight to file descriptor 2 at every profiler start/stop ("USDT:... ]
+# profiler_start"), whatever KINETO_LOG_LEVEL / TORCH_CPP_LOG_LEVEL say, so they can only be filtered there.
+_KINETO_LINE = re.compile(rb"^(USDT|STAGE|INFO|WARNING):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")
+
+
+@contextlib.contextmanager
+def quiet_profiler():
+    """Run the block with fd 2 sent to a temporary file, then pass on every line except Kineto's log lines
+    (a real error printed meanwhile still reaches stderr, only later)."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().splitlines(keepends=True) if not _KINETO_LINE.match(ln)]
+            if kept:
+                os.write(fd, b"".join(kept))
+
+
 def cpu_peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     """Peak CPU memory of one call above what was allocated before it, in bytes (None if it cannot be measured).
 
@@ -108,7 +143,7 @@ def cpu_peak_memory_bytes(fn: Callable[[], object]) -> int | None:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
         mem = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()

@@ -15,11 +15,22 @@ SUBCOMMANDS = {
 }
 
 
+def _version() -> str:
+    # the installed distribution's version, without importing torch (the CLI's --version stays instant)
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("reprokernels")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return int(importlib.import_module(SUBCOMMANDS[argv[0]][0]).main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="reprokernels", description="Fused kernels for model reprogramming.")
+    parser.add_argument("--version", action="version", version=f"reprokernels {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, devices, and which backend runs here")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")

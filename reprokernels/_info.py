@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+import warnings
 from typing import TextIO
 
 import torch
@@ -19,16 +20,42 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+# Public ops that are plain PyTorch (no backend choice): listed so `info` names every op the package exports.
+_PLAIN_OPS = {
+    "merge_attention_states": "plain PyTorch (log-sum-exp merge of two partial attentions)",
+    "greedy_label_mapping": "plain PyTorch (one-to-one mapping from a label histogram)",
+    "bayesian_label_mapping": "plain PyTorch (probabilistic mapping from a label histogram)",
+}
+
+
+def _devices() -> tuple[list[str], str]:
+    """(CUDA device names, why there are none). Asks torch only: a CPU wheel never touches a driver."""
+    if torch.version.cuda is None:
+        return [], "no GPU: this torch is a CPU-only build"
+    with warnings.catch_warnings():  # torch warns about a missing driver; the reason below says it plainly
+        warnings.simplefilter("ignore")
+        if not torch.cuda.is_available():
+            return [], "no GPU: torch finds no usable NVIDIA GPU or driver"
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], ""
+
+
 def info_dict() -> dict:
-    devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if (
-        torch.cuda.is_available()) else []
+    devices, no_gpu = _devices()
     backends = {}
+    dev = "cuda" if devices else "cpu"
     for name in ("reference", "composite", "triton", "cuda"):
-        dev = "cuda" if devices else "cpu"
         ok, why = _backend.backend_status(name, dev)
-        if name == "cuda" and not _cuda.cuda_available():
+        if name == "triton" and not devices and ok:
+            why = "runs here only through the Triton interpreter (TRITON_INTERPRET=1): for testing, not speed"
+        elif name == "triton" and not devices:
+            why = f"{no_gpu}; Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them slowly on the CPU)"
+        elif name == "cuda" and not devices:
+            ok, why = False, f"{no_gpu}; the CUDA kernels need one"
+        elif name == "cuda" and not _cuda.cuda_available():
             ok, why = False, _cuda.unavailable_reason()
         backends[name] = {"available": ok, "why_not": why, "device": dev}
+    ops = {op: list(bks) for op, bks in _backend._OPS.items()}
+    ops.update({op: [what] for op, what in _PLAIN_OPS.items()})
     return {
         "reprokernels": _version("reprokernels"),
         "python": platform.python_version(),
@@ -40,9 +67,10 @@ def info_dict() -> dict:
         "cuda_extension_loaded": _cuda.extension_built(),
         "cuda_runtime_of_C": _cuda.runtime_version(),
         "devices": devices,
+        "no_gpu_reason": no_gpu,
         "default_backend": _backend.default_backend(),
         "backends": backends,
-        "ops": {op: list(bks) for op, bks in sorted(_backend._OPS.items())},
+        "ops": dict(sorted(ops.items())),
     }
 
 
@@ -51,6 +79,7 @@ def info(file: TextIO | None = None) -> None:
     d = info_dict()
     out = file or sys.stdout
     ext = d["cuda_extension"] or {}
+    no_gpu = d["no_gpu_reason"] + " (the CPU runs the reference and composite backends)"
     lines = [
         f"reprokernels {d['reprokernels']}  (python {d['python']})",
         f"torch        {d['torch']}  (CUDA {d['torch_cuda'] or 'none'})",
@@ -58,12 +87,15 @@ def info(file: TextIO | None = None) -> None:
         f"_C           {'loaded' if d['cuda_extension_loaded'] else 'not loaded'}; "
         f"{ext.get('reason', 'no build record')}; archs {ext.get('archs') or '-'}; "
         f"CUDA runtime {d['cuda_runtime_of_C'] or '-'}",
-        f"devices      {', '.join(d['devices']) or 'no CUDA device (CPU only)'}",
+        f"devices      {', '.join(d['devices']) or no_gpu}",
         f"default      backend={d['default_backend']!r}",
         "backends:",
     ]
     for name, b in d["backends"].items():
-        state = "available" if b["available"] else f"unavailable: {b['why_not']}"
+        if b["available"]:
+            state = f"available ({b['why_not']})" if b["why_not"] else "available"
+        else:
+            state = f"unavailable: {b['why_not']}"
         lines.append(f"  {name:<10} {state}")
     lines.append("ops:" if d["ops"] else "ops: none registered yet")
     for op, bks in d["ops"].items():
