@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 import torch
@@ -110,14 +108,9 @@ kernel_dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 
 
 def traffic_counter():
-    """A fresh ``Traffic`` counter from shared/tools/triton_traffic.py (beside the checkout), or skip the test."""
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
-    if not (tools / "triton_traffic.py").exists():
-        pytest.skip("shared/tools/triton_traffic.py is not beside this checkout")
+    """A fresh :class:`tests.traffic.Traffic` byte counter (Triton interpreter), or skip when triton is missing."""
     pytest.importorskip("triton")
-    if str(tools) not in sys.path:
-        sys.path.insert(0, str(tools))
-    from triton_traffic import Traffic
+    from .traffic import Traffic
 
     return Traffic()
 
