@@ -10,7 +10,8 @@ tested on machines without a GPU. The op layer never passes it, and without it C
 Plan (the Triton backend's, reprokernels/triton/label_histogram.py; B samples, K = K_src, T = K_tgt):
 
 0. Torch pre-steps on B integers, no host synchronisation: a stable sort of the targets (``perm``: the samples
-   grouped by class, in sample order inside a class) and the class offsets (bincount + cumsum). With
+   grouped by class, in sample order inside a class) and the class offsets (a searchsorted of the sorted
+   targets). With
    ``weight="prob"`` and a top-k, ``torch.topk(logits, k).values`` gives each row's k-th largest logit ``thr``
    and ``quota`` = k minus the number of entries strictly above it (the k-th *value* is unique whatever
    ``torch.topk`` picks among ties; the kernel keeps every entry > thr and the first ``quota`` entries == thr by
@@ -99,9 +100,12 @@ def label_histogram_accumulate(out: torch.Tensor, x: torch.Tensor, targets: torc
     p.stream = 0 if emulate else _cuda.stream_of(out)
     keep = []  # temporaries alive until the launches were enqueued (their memory is stream-ordered)
 
-    perm = torch.sort(targets, stable=True).indices.contiguous()  # samples grouped by class, sample order inside
-    starts = torch.zeros(T + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(torch.bincount(targets, minlength=T), 0, out=starts[1:])
+    # samples grouped by class, sample order inside; class offsets by a search of the sorted targets (a bincount
+    # sizes its output from the largest target: a host sync on CUDA). Targets outside [0, T) (the device-side
+    # range check fails the stream) fall outside every class's range.
+    sorted_t, perm = torch.sort(targets, stable=True)
+    perm = perm.contiguous()
+    starts = torch.searchsorted(sorted_t, torch.arange(T + 1, device=dev, dtype=sorted_t.dtype)).contiguous()
     keep += [perm, starts]
     p.perm, p.starts = perm.data_ptr(), starts.data_ptr()
 
