@@ -8,7 +8,12 @@ Backward: one program per (block of BLOCK_B samples, block of BLOCK_M mask cells
 or a kh x kw window when the mask is at patch resolution; the program walks the channels and the window's
 pixels, so everything that must be summed is summed in registers: the mask gradient over channels and the
 window, the delta gradient over the program's samples. Shared-delta (and batch-shared mask) gradients leave
-as float32 partials, one row per sample block, summed afterwards by torch (deterministic, no atomics).
+as float32 partials, one row per sample block, summed afterwards by torch (deterministic, no atomics). A few
+large windows (a 14 x 14 mask on a 224 canvas) would leave most SMs idle, so the launcher splits each window
+into tiles (``window_split``), one more float32 mask-gradient partial per tile.
+
+Grids are one-dimensional (axis 0 holds 2**31 - 1 programs, axes 1 and 2 only 65535). Sample and channel
+offsets are int64; pixel offsets are int32 unless some tensor's pixel extent reaches 2**31 (``IDX64``).
 """
 
 from __future__ import annotations
