@@ -123,6 +123,7 @@ _SYNC_OPS = {
     "unique_dim": "unique (output size)",
     "masked_select": "masked_select (output size)",
     "repeat_interleave": "repeat_interleave without output_size",
+    "bincount": "bincount (output size from the largest value)",
     "lift_fresh": "torch.tensor(python data) copied to the device (pageable H2D; breaks graph capture)",
 }
 
