@@ -234,6 +234,85 @@ def test_triton_counts_touch_only_the_batch_cells(backend):
     assert t.loaded_unique <= x.numel() * 4 + 12 * (4 + 8) + 4 * 8 + cells * 4  # + preds, perm, offsets, cells
 
 
+def _split_rows(mp: pytest.MonkeyPatch):
+    """Row pass cut into 16-column chunks (partials + ordered combine) at test sizes."""
+    from reprokernels.triton import label_histogram as tlh
+
+    for name, value in dict(MAX_ROW_BLOCK=16, ROW_MIN_CHUNK=16, ROW_TARGET_PROGRAMS=10**6).items():
+        mp.setattr(tlh, name, value)
+    return tlh
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    return _split_rows(monkeypatch)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@settings(max_examples=15)
+@given(B=st.integers(1, 9), K=st.integers(33, 120), k=st.sampled_from([None, 1, 2, 5, 40]),
+       values=st.sampled_from([2, 3, 1000]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_triton_split_rows_match_reference(backend, B, K, k, values, dtype, seed):
+    """Few distinct values: argmax ties and top-k ties at the k-th value spread over several chunks."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, values, (B, K), generator=g).to(dtype)
+    y = torch.randint(0, 3, (B,), generator=g)
+    with pytest.MonkeyPatch.context() as mp:
+        assert _split_rows(mp).row_splits(B, K, 16)[0] > 1
+        assert torch.equal(rk.label_histogram(x, y, K, 3, backend=backend), _bincount(x, y, K, 3))
+        D = rk.label_histogram(x, y, K, 3, weight="prob", topk=k, backend=backend)
+    assert_close(D, rk.label_histogram(x, y, K, 3, weight="prob", topk=k, backend="reference"), rtol=1e-5,
+                 atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_triton_split_rows_argmax_nan_inf_and_ties_across_chunks(backend, split_rows):
+    nan, inf = float("nan"), float("inf")
+    K = 50
+    x = torch.zeros(6, K)
+    x[0, 40], x[0, 45] = nan, nan  # the first NaN wins, in a later chunk than the maximum
+    x[0, 3] = 9.0
+    x[1] = -inf  # all -inf: index 0
+    x[2, 17], x[2, 33] = 5.0, 5.0  # a tie across chunks: the first
+    x[3, 20:] = -inf  # trailing -inf chunks
+    x[3, 5] = 1.0
+    x[4, :] = -inf
+    x[4, 49] = 2.0  # the maximum in the last, partial chunk
+    x[5, 31] = inf
+    y = torch.tensor([0, 1, 0, 1, 1, 0])
+    assert torch.equal(rk.label_histogram(x, y, K, 2, backend=backend), _bincount(x, y, K, 2))
+    x[0, 40] = x[0, 45] = 0.0
+    for k in (1, 2, 3, 30):
+        assert_close(rk.label_histogram(x[2:], y[2:], K, 2, weight="prob", topk=k, backend=backend),
+                     rk.label_histogram(x[2:], y[2:], K, 2, weight="prob", topk=k, backend="reference"),
+                     rtol=1e-5, atol=1e-6, equal_nan=True)  # the +inf row: NaN probabilities on both sides
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_triton_split_rows_are_deterministic(backend, split_rows):
+    x, y = torch.randn(7, 90), torch.randint(0, 3, (7,))
+    for weight, k in (("count", None), ("prob", None), ("prob", 9)):
+        runs = [rk.label_histogram(x, y, 90, 3, weight=weight, topk=k, backend=backend) for _ in range(2)]
+        assert torch.equal(runs[0], runs[1])
+
+
+def test_triton_out_of_range_targets_are_skipped():
+    """The kernels never read or write outside out for targets outside [0, T) (on CUDA the range check is a
+    device-side assert that fails the stream): valid samples are still counted exactly."""
+    if not triton_backends:
+        pytest.skip("triton missing")
+    from reprokernels.triton.label_histogram import label_histogram_accumulate
+
+    x, y = torch.randn(8, 6), torch.tensor([0, 1, 5, -3, 1, 0, 2**40, 2])
+    ok = (y >= 0) & (y < 3)
+    for weight in ("count", "prob"):
+        out = torch.zeros(6, 3)
+        label_histogram_accumulate(out, x, y, 0, weight)
+        want = rk.label_histogram(x[ok], y[ok], 6, 3, weight=weight, backend="reference")
+        assert_close(out, want, rtol=1e-6, atol=1e-7)
+
+
 def test_auto_is_reference_on_cpu_and_the_cuda_backend_needs_cuda_tensors():
     x, y = torch.randn(4, 5), torch.randint(0, 2, (4,))
     assert torch.equal(rk.label_histogram(x, y, 5, 2), rk.label_histogram(x, y, 5, 2, backend="reference"))

@@ -180,6 +180,124 @@ def test_empty_batch():
                 assert torch.equal(dw, torch.zeros(5, 2))
 
 
+# ---------------------------------------------------------------- the GPU-fit paths, forced at small sizes
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Thresholds that split every path at test sizes: row statistics over 16-column chunks, the dense forward's
+    K_src and d mapping's batch over 32-long chunks, 2-target blocks in the index forward, 32-column blocks in
+    the index backward."""
+    from reprokernels.triton import label_map as tlm
+
+    for name, value in dict(STATS_MAX_BLOCK=16, STATS_MIN_CHUNK=16, STATS_TARGET_PROGRAMS=10**6,
+                            DENSE_MIN_CHUNK=16, DENSE_TARGET_PROGRAMS=10**6, INDEX_TARGET_PROGRAMS=10**6,
+                            INDEX_BWD_BLOCK_K=32, INDEX_BWD_BLOCK_E=4).items():
+        monkeypatch.setattr(tlm, name, value)
+    return tlm
+
+
+def _repeats_mapping(K: int, T: int, m: int, g: torch.Generator) -> torch.Tensor:
+    """-1 entries, a source repeated inside a target and across targets, and one column read by many entries
+    (more than a step of the backward's accumulation)."""
+    mp = torch.randint(-1, K, (T, m), generator=g)
+    mp[0, 1] = mp[0, 0] = mp[1, 0] = 5
+    mp[2:, -1] = K - 1
+    return mp
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@pytest.mark.parametrize("input", INPUTS)
+@pytest.mark.parametrize("kind", ["one", "many", "dense"])
+def test_split_paths_match_reference(backend, split_everything, input, kind):
+    g = torch.Generator().manual_seed(3)
+    B, K, T = 37, 203, 9
+    x = as_layout(torch.randn(B, K, generator=g) * 3, "transposed")
+    mapping = {"one": torch.randint(0, K, (T,), generator=g), "many": _repeats_mapping(K, T, 5, g),
+               "dense": torch.rand(K, T, generator=g)}[kind]
+    tlm = split_everything
+    assert tlm.stats_splits(B, K, tlm._block_k(K))[0] > 1
+    if kind == "dense":
+        assert tlm.reduction_splits(1, K, 16)[0] > 1 and tlm.reduction_splits(1, B, 16)[0] > 1
+    for reduce in REDUCES if kind == "many" else ("mean",):
+        kw = dict(input=input, reduce=reduce)
+        _compare(_run(backend, x, mapping, **kw), _run("reference", x, mapping, **kw))
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("input", INPUTS)
+def test_split_paths_mixed_precision(backend, split_everything, dtype, input):
+    """16-bit logits with a float32 dense map (BLM / BLM+), every path split; an fp32 reference, tolerances of
+    the logits' dtype (the dense dots take 16-bit operands: the d mapping bound scales with sum |f| |g|)."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(21, 150, generator=g) * 3).to(dtype)
+    for mapping in (_repeats_mapping(150, 7, 3, g), torch.rand(150, 7, generator=g)):
+        want = _run("reference", x.float(), mapping, input=input)
+        got = _run(backend, x, mapping, input=input)
+        assert got[1].dtype == dtype
+        _compare(got[:2], (want[0].to(got[0].dtype), want[1]), dtype=dtype, scale=4.0)
+        if mapping.is_floating_point():
+            assert got[2].dtype == torch.float32
+            _assert_dot_close(got[2], want[2], transform(x.double(), input), _grad_like(got[0]), dtype)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+@pytest.mark.parametrize("split", [False, True])
+def test_every_path_is_bitwise_deterministic(backend, split, request):
+    if split:
+        request.getfixturevalue("split_everything")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(11, 70, generator=g)
+    for mapping in (_repeats_mapping(70, 6, 4, g), torch.rand(70, 6, generator=g)):
+        for input in INPUTS:
+            a = _run(backend, x, mapping, input=input)
+            b = _run(backend, x, mapping, input=input)
+            for u, v in zip(a, b, strict=True):
+                assert (u is None and v is None) or torch.equal(u, v)
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_index_backward_many_entries_on_one_column(backend, split_everything):
+    """50 entries read column 7 (several accumulation steps inside one column block), the others spread out."""
+    x = torch.randn(3, 40)
+    mapping = torch.full((10, 5), 7)
+    mapping[::3, 1] = torch.arange(4) * 11
+    for reduce in REDUCES:
+        _compare(_run(backend, x, mapping, reduce=reduce, input="probs"),
+                 _run("reference", x, mapping, reduce=reduce, input="probs"))
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_empty_and_all_missing_mappings(backend):
+    x = torch.randn(3, 7)
+    for mapping, T in ((torch.zeros(0, dtype=torch.long), 0), (torch.full((2, 3), -1), 2)):
+        for input in INPUTS:
+            out, dx, _ = _run(backend, x, mapping, input=input)
+            assert out.shape == (3, T) and torch.equal(out, torch.zeros(3, T))
+            assert torch.equal(dx, torch.zeros(3, 7))
+
+
+@pytest.mark.parametrize("backend", triton_backends)
+def test_out_of_range_indices_are_never_read(backend):
+    """The kernels mask sources outside [0, K) (on CUDA the range check is a device-side assert that fails the
+    stream, so the launchers must be safe on bad values): targets with valid sources are still exact."""
+    from reprokernels.triton import label_map as tlm
+
+    x = torch.randn(4, 50)
+    good = torch.tensor([[3, 9], [49, -1]])
+    bad = torch.cat([good, torch.tensor([[10**9, -7], [50, 2**40]])])
+    for input in INPUTS:
+        out, lse = tlm.label_map(x, bad, "mean", input)
+        want, _ = tlm.label_map(x, good, "mean", input)
+        assert torch.equal(out[:, :2], want)
+        g = torch.zeros_like(out)
+        g[:, :2] = 1.0
+        dx, _ = tlm.label_map_backward(g, x, bad, out, lse, "mean", input, True, False)
+        dx_good, _ = tlm.label_map_backward(g[:, :2].contiguous(), x, good, want, lse, "mean", input, True, False)
+        assert torch.equal(dx, dx_good)
+
+
 # ---------------------------------------------------------------- registration
 
 

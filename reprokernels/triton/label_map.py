@@ -46,10 +46,11 @@ _INPUT = {"logits": 0, "probs": 1, "log_probs": 2}
 STATS_TARGET_PROGRAMS = 528
 STATS_MIN_CHUNK = 8192
 STATS_MAX_SPLITS = 64
+STATS_MAX_BLOCK = 2048
 # Dense GEMMs: split the reduction (K_src in the forward, the batch in d mapping) until about DENSE_TARGET_PROGRAMS
 # programs (two waves of 132 SMs), each split at least DENSE_MIN_CHUNK long.
 DENSE_TARGET_PROGRAMS = 264
-DENSE_MIN_CHUNK = 512
+DENSE_MIN_CHUNK = 256
 DENSE_MAX_SPLITS = 512
 # Index forward: target blocks shrink (down to 2 targets) until about this many programs.
 INDEX_TARGET_PROGRAMS = 264
@@ -148,7 +149,7 @@ def stats_splits(B: int, K: int, block_k: int) -> tuple[int, int]:
 
 
 def _block_k(K: int) -> int:
-    return min(2048, triton.next_power_of_2(max(K, 1)))
+    return min(STATS_MAX_BLOCK, triton.next_power_of_2(max(K, 1)))
 
 
 def _lse(x: torch.Tensor) -> torch.Tensor:
