@@ -30,7 +30,8 @@ probabilities alike. Counts are exact integers in float32 up to 2**24 per cell (
 16,777,216); each tile of counts is summed exactly before it is added.
 
 Memory: counts read the logits once (``weight="count"`` from predictions reads only B indices); probabilities
-read them twice (row statistics, then the contributions), plus once in ``torch.topk`` with a top-k.
+read them twice (row statistics, then the contributions), plus once in ``torch.topk`` with a top-k (and, when
+the row pass is split, a rescan of the one chunk per row where the last kept tie lies).
 ``out`` is read and written once per touched cell.
 """
 

@@ -17,7 +17,9 @@ dense softmax term included.
 Dense mappings: a GEMM whose prologue applies the softmax / log-softmax on the fly from the row statistics. Its
 operands are cast to the logits' dtype before ``tl.dot`` (tensor cores for float16 / bfloat16 logits, a float32
 mapping included), accumulation in float32; float32 logits keep exact float32 dots (input_precision="ieee").
-Under TRITON_INTERPRET=1 bfloat16 dots are wrong, so there they run in float32. The forward splits the K_src
+Under TRITON_INTERPRET=1 bfloat16 dots are wrong, so there they run in float32. (float16 logits: a
+log-probability below -65504, i.e. a logit spread beyond float16's range, saturates to -inf in the dot, as it
+would under autocast.) The forward splits the K_src
 reduction over programs (few rows x few targets leave a handful of output tiles) into float32 partials that a
 second kernel sums in split order; the backward is two GEMMs (d logits, and d mapping reducing over the batch in
 a fixed order, split over the batch into ordered partials when K_src is small). No atomics anywhere:
