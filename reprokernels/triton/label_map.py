@@ -408,7 +408,9 @@ def _dense_cfg() -> dict:
     sizes cross several blocks in every dimension."""
     if _interpret():
         return dict(bb=16, bk=16, bt=16, warps=1)
-    return dict(bb=64, bk=64, bt=64, warps=4)
+    # 8 warps for the (64 x 64) float32 tiles of the forward and d logits: the softmax epilogue next to the MMA
+    # accumulator needs about 250 registers per thread with 4 warps (2 blocks per SM), half that with 8
+    return dict(bb=64, bk=64, bt=64, warps=4, wide_warps=8)
 
 
 def reduction_splits(n_programs: int, n: int, block: int) -> tuple[int, int]:
@@ -443,7 +445,7 @@ def _dense_fwd(logits: torch.Tensor, mapping: torch.Tensor, lse: torch.Tensor, m
     _lm_dense_fwd_kernel[(n_rb * n_cb * splits,)](
         part, logits, mapping, lse if mode else part, B, K, T, chunk, n_rb, n_cb, *logits.stride(),
         *mapping.stride(), INPUT=mode, DOT=_dot_code(logits.dtype), BLOCK_B=bb, BLOCK_T=bt, BLOCK_K=bk,
-        num_warps=cfg["warps"])
+        num_warps=cfg.get("wide_warps", cfg["warps"]))
     if splits > 1:
         _sum_splits(out, part, splits)
     return out
@@ -502,7 +504,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
             _lm_dense_dx_kernel[(n_rb * triton.cdiv(K, bk),)](
                 dx, grad, logits, mapping, lse if mode else dx, srow if mode else dx, B, K, T, n_rb,
                 *logits.stride(), *mapping.stride(), *grad.stride(), INPUT=mode, DOT=dot, BLOCK_B=bb, BLOCK_K=bk,
-                BLOCK_T=bt, num_warps=cfg["warps"])
+                BLOCK_T=bt, num_warps=cfg.get("wide_warps", cfg["warps"]))
         elif B and K:
             block_k = INDEX_BWD_BLOCK_K
             w = index_weights(mapping, reduce, torch.float32)
