@@ -11,7 +11,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from reprokernels.__main__ import main as cli_main
-from reprokernels.demo.digits import CANVAS, METHODS, NATIVE, SourceCNN
+from reprokernels.demo.digits import CANVAS, METHODS, NATIVE, SourceCNN, report
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,11 @@ def test_demo_writes_files_and_sane_figures(demo_run, capsys):
     assert best["acc_final"] > best["acc_mapping_alone"]
     assert best["acc_final"] > best["acc_init"]
     assert summary["source"]["test_acc"] > 0.9
+    assert summary["chance_acc"] == 0.2
+    for name, r in methods.items():  # "improved": an accuracy margin over the mapping alone and over chance
+        want = r["acc_final"] >= max(r["acc_mapping_alone"], 0.2) + summary["improved_margin"]
+        assert r["improved"] == want, name
+    assert "chance 0.200" in report(summary)
 
     p = summary["parameters"]
     assert p["trainable"] == CANVAS * CANVAS  # δ (1, 16, 16); the 5x5 mappings are buffers, not parameters
