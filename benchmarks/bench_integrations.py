@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from benchmarks.common import Row, device_name, git_sha, peak_memory_mb, skipped, versions
+from benchmarks.common import Row, device_name, git_sha, peak_memory_mb, skipped, tick, versions
 
 OP = "integrations"
 
@@ -93,6 +93,7 @@ def _time(fn: Callable[[], object], device: torch.device, reps: int) -> tuple[fl
 def _row(shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object], device: torch.device,
          reps: int, note: str = "") -> Row:
     """reps = 0: a single call (no warm-up), timed while its peak memory is measured (for minutes-long calls)."""
+    tick(f"{shape} {mode} {provider}")
     if reps:
         med, lo, hi = _time(fn, device, reps)
         peak = peak_memory_mb(fn, device)
@@ -217,7 +218,9 @@ def _annotate(rows: list[Row]) -> None:
         parts = [r.note] if r.note else []
         b = base.get((r.shape, r.mode))
         if r.provider == "accelerated" and b:
-            parts.append(f"{b / r.median_ms:.2f}x faster than the baseline")
+            ratio = b / r.median_ms  # a ratio under 1 is a slowdown: say so rather than "0.97x faster"
+            parts.append(f"{ratio:.2f}x faster than the baseline" if ratio >= 1
+                         else f"{1 / ratio:.2f}x slower than the baseline")
         if r.provider != "no-prompt" and bound.get(r.mode):
             parts.append(f"{r.median_ms / bound[r.mode]:.2f}x the no-prompt time")
         r.note = "; ".join(parts)

@@ -26,6 +26,43 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The progress bar of the running ``reprokernels bench`` op (None outside it): measure() and skipped() tick it,
+# run_shapes() grows its total as cases are known, so scripts need no progress code of their own.
+_progress = None
+
+
+@contextlib.contextmanager
+def progress_bar(desc: str):
+    """A tqdm bar over the cases timed inside the block (shown on a terminal only; nothing without tqdm)."""
+    global _progress
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        yield None
+        return
+    with tqdm(total=0, desc=desc, unit="case", file=sys.stderr, disable=None, leave=False,
+              dynamic_ncols=True) as bar:
+        _progress = bar
+        try:
+            yield bar
+        finally:
+            _progress = None
+
+
+def expect_cases(n: int) -> None:
+    if _progress is not None:
+        _progress.total += n
+        _progress.refresh()
+
+
+def tick(label: str = "") -> None:
+    if _progress is not None:
+        if _progress.n >= _progress.total:  # a script that did not announce its cases
+            _progress.total = _progress.n + 1
+        if label:
+            _progress.set_postfix_str(label[:60], refresh=False)
+        _progress.update(1)
+
 
 @dataclasses.dataclass
 class Row:
@@ -175,6 +212,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
 def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object],
             device: torch.device | str, *, min_bytes: int = 0, flops: int = 0, quick: bool = False,
             note: str = "") -> Row:
+    tick(f"{shape} {mode} {provider}")
     med, p20, p80 = time_fn(fn, device, quick=quick)
     return Row(
         op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
@@ -189,6 +227,7 @@ def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, f
 def skipped(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, device: torch.device | str,
             why: str) -> Row:
     """A row for a provider that cannot be timed here (kept so tables show the gap and why)."""
+    tick()
     return Row(op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
                median_ms=None, p20_ms=None, p80_ms=None, note=why, device=device_name(device),
                versions=versions(), git_sha=git_sha(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -280,12 +319,16 @@ def run_shapes(op: str, shapes: Iterable[dict], make_case: Callable, providers: 
     device = torch.device(device)
     providers = list(providers)
     rows: list[Row] = []
+    shapes = list(shapes)
+    expect_cases(sum(len(s["dtypes"]) * len(providers) * len(s["modes"]) for s in shapes))
     for s in shapes:
         for dtype_name in s["dtypes"]:
             dtype = getattr(torch, dtype_name)
             why = skip(s, device) if skip is not None else None
             if why:
                 rows.append(skipped(op, shape_name(s), dtype, s["modes"][0], providers[0], device, why))
+                if _progress is not None:  # the shape's other announced cases will not run
+                    _progress.update(len(providers) * len(s["modes"]) - 1)
                 continue
             rows += measure_providers(op, shape_name(s), dtype, s["modes"], make_case(s, dtype, device), providers,
                                       provider_fn, device, quick)

@@ -2,11 +2,13 @@
 
 Two kinds of PNG (``--kind``):
 
-bars   one per (op, shape, device): grouped bars of the median time (ms, log scale, p20-p80 as error bars), one
-       group per (dtype, mode), one bar per provider.
-size   one per (op, device): time vs size, one panel per (dtype, mode), one line per provider; the size of a
-       shape is the op's minimum traffic (``min_bytes``: each input read once, each output written once), so
-       shapes of different kinds of one op share an axis (log-log; each point is labelled with its shape).
+bars   one per (op, shape, device) with at least one timed row: grouped bars of the median time (ms, log scale,
+       p20-p80 as error bars), one group per (dtype, mode), one bar per provider.
+size   one per (op, device): time vs size, one panel per (dtype, mode), one line per (provider, shape family);
+       the size of a shape is the op's minimum traffic (``min_bytes``: each input read once, each output written
+       once). A family is the shape name's first word (``train``, ``decode``, ``expansive``, ``smm`` ...): shapes of
+       different families are different computations, so their points are never joined (a family with one size
+       is a lone marker). Log-log; each point is labelled with its shape.
 
 ``plot`` and ``plot_size`` take rows as dicts: CSV rows (strings) or ``dataclasses.asdict(Row)`` (numbers), so
 ``reprokernels bench`` draws the rows of its run without reading the CSVs back.
@@ -56,6 +58,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
+def family(shape: str) -> str:
+    """The shape family: the first word of the shape name (shapes are named "<family> <sizes>")."""
+    return shape.split()[0] if shape.split() else shape
+
+
 def _provider_key(p: str) -> tuple[int, str]:
     return (PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else len(PROVIDER_ORDER), p)
 
@@ -73,6 +80,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     written = []
     for (op, shape, device), group in sorted(by_figure.items()):
         timed = [r for r in group if _float(r["median_ms"]) is not None]
+        if not timed:  # an empty chart says nothing; the untimed reasons are in the CSV and the printed table
+            continue
         untimed = sorted({f"{r['provider']}: {r.get('note', '')}" for r in group if _float(r["median_ms"]) is None})
         configs = sorted({(r["dtype"], r["mode"]) for r in group})
         providers = sorted({r["provider"] for r in timed}, key=_provider_key)
@@ -94,8 +103,7 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.bar(xs, meds, width, yerr=[lo, hi], capsize=2, label=provider)
         ax.set_xticks(range(len(configs)), [f"{d}\n{m}" for d, m in configs])
         ax.set_ylabel("median time (ms)")
-        if timed:
-            ax.set_yscale("log")
+        ax.set_yscale("log")
         ax.set_title(f"{op}: {shape}\n{device}", fontsize=9)
         if providers:
             ax.legend(fontsize=8)
@@ -132,10 +140,19 @@ def plot_size(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_visible(False)
         for ax, (dtype, mode) in zip(axes.flat[:len(panels)], panels, strict=True):
             sub = [r for r in group if (r["dtype"], r["mode"]) == (dtype, mode)]
+            families = sorted({family(r["shape"]) for r in sub})
+            markers = dict(zip(families, "osD^v<>ph*", strict=False))
             for provider in sorted({r["provider"] for r in sub}, key=_provider_key):
-                pts = sorted((_float(r["min_bytes"]) / 1e6, _float(r["median_ms"]), r["shape"])
-                             for r in sub if r["provider"] == provider)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=provider)
+                color = None
+                for fam in families:
+                    pts = sorted((_float(r["min_bytes"]) / 1e6, _float(r["median_ms"]), r["shape"])
+                                 for r in sub if r["provider"] == provider and family(r["shape"]) == fam)
+                    if not pts:
+                        continue
+                    label = provider if len(families) == 1 else f"{provider} · {fam}"
+                    line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(fam, "o"),
+                                    color=color, label=label)
+                    color = line.get_color()  # one colour per provider across its families
             shapes = {}
             for r in sub:  # one label per shape, at its size and its fastest time
                 x, y = _float(r["min_bytes"]) / 1e6, _float(r["median_ms"])

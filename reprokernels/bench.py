@@ -8,10 +8,13 @@
    (op, shape, dtype, mode), a table with the providers as columns: median ms, speed-up over the op's baseline
    (the code a user has today: ``eager``, ``peft-eager`` or ``peft-cat+sdpa``; else ``reference``), GB/s against
    the op's minimum traffic and its % of the measured copy bandwidth, TFLOP/s and % of the measured matmul rate
-   where the op counts FLOPs, peak memory (CUDA only). Providers that cannot run here are listed with why.
-3. Appends the rows to ``<results-dir>/<op>[_cpu].csv`` / ``.jsonl`` (the writer of ``python -m benchmarks.run``)
-   and the limits to ``<results-dir>/device_limits.jsonl``, and draws PNGs into ``--out``: bars per shape and
-   time vs size per provider (``benchmarks/plot.py``), from this run's rows.
+   where the op counts FLOPs, peak memory (CUDA's allocator on a GPU, the profiler's allocator events on a CPU).
+   Providers that cannot run here are listed with why.
+3. Appends the rows to ``<out>/<op>[_cpu].csv`` / ``.jsonl`` and the limits to ``<out>/device_limits.jsonl``
+   (``--out`` defaults to ``./reprokernels-bench/``; ``--results-dir DIR`` sends the rows elsewhere, e.g.
+   ``benchmarks/results`` to update the tracked results on purpose), and draws PNGs into ``--out``: bars per
+   shape and time vs size per provider and shape family (``benchmarks/plot.py``), from this run's timed rows.
+   A progress bar (tqdm, on a terminal) counts the cases.
 
 The benchmark scripts live in the source checkout (``benchmarks/`` next to ``reprokernels/``), not in the
 installed package: they are found from this package's path (an editable or in-tree install), or given with
@@ -31,6 +34,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
+DEFAULT_OUT = "reprokernels-bench"  # relative to the working directory: a run never writes into the checkout
 BASELINES = ("eager", "peft-eager", "peft-cat+sdpa")  # what users run today; "reference" when none of these ran
 ENV_DIR = "REPROKERNELS_BENCHMARKS"
 
@@ -172,9 +176,10 @@ def _parser(ops_help: str) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--out", type=Path, default=None,
-                   help="folder for the PNG plots (default: <benchmarks>/results/plots)")
+                   help=f"folder for the rows (CSV/JSONL) and the PNG plots (default: ./{DEFAULT_OUT}/)")
     p.add_argument("--results-dir", type=Path, default=None,
-                   help="folder the CSV/JSONL rows are appended to (default: <benchmarks>/results)")
+                   help="folder the CSV/JSONL rows are appended to instead of --out (benchmarks/results updates the "
+                        "repository's tracked results)")
     p.add_argument("--no-save", action="store_true",
                    help="write no CSV/JSONL rows (plots only when --out is given)")
     p.add_argument("--no-plots", action="store_true", help="draw no PNGs")
@@ -197,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from benchmarks import device_limits
     from benchmarks import plot as bplot
-    from benchmarks.common import device_name, git_sha, versions, write_rows
+    from benchmarks.common import device_name, git_sha, progress_bar, versions, write_rows
     from benchmarks.run import available_ops, results_name
 
     ops_available = available_ops()
@@ -217,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("reprokernels bench: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    results_dir = (args.results_dir or bdir / "results").resolve()
-    plots_dir = (args.out or bdir / "results" / "plots").resolve()
+    out_dir = (args.out or Path(DEFAULT_OUT)).resolve()
+    results_dir = (args.results_dir or out_dir).resolve()
+    plots_dir = out_dir
     save = not args.no_save
     draw = not args.no_plots and (save or args.out is not None)
+    if not out_dir.exists() and (draw or (save and args.results_dir is None)):
+        # run from a checkout, ./reprokernels-bench/ would show up in `git status`; a folder we create ignores itself
+        out_dir.mkdir(parents=True)
+        (out_dir / ".gitignore").write_text("# created by reprokernels bench\n*\n")
 
     t0 = time.perf_counter()
     print(f"reprokernels bench{' --quick' if args.quick else ''}: {device_name(device)}; {versions()}; "
@@ -228,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = device_limits.measure_limits(device, quick=args.quick)
     print(f"measured limits: {limits.describe()}")
     if device.type != "cuda":
-        print("peak memory: tracked on CUDA only (torch's CPU allocator keeps no peak), so no 'peak MB' line here")
+        print("peak MB: from the profiler's CPU allocator events (PyTorch allocations only, not scratch memory a "
+              "kernel obtains elsewhere)")
     print("GB/s and TFLOP/s are against each op's minimum traffic / FLOPs (each input read once, each output "
           "written once)\n")
 
@@ -236,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for op in ops:
         t_op = time.perf_counter()
         try:
-            rows = importlib.import_module(f"benchmarks.bench_{op}").run(device, quick=args.quick)
+            with progress_bar(op):
+                rows = importlib.import_module(f"benchmarks.bench_{op}").run(device, quick=args.quick)
         except Exception as e:  # one broken script must not hide the others' results
             failed.append(op)
             print(f"== {op}: FAILED: {type(e).__name__}: {e}", file=sys.stderr)
@@ -259,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             dicts = [dataclasses.asdict(r) for r in all_rows]
             pngs = bplot.plot(dicts, plots_dir) + bplot.plot_size(dicts, plots_dir)
-            print("plots:", *pngs, sep="\n  ")
+            print("plots:", *pngs, sep="\n  ") if pngs else print("plots: none (no timed rows)")
     print(f"done in {time.perf_counter() - t0:.1f} s" + (f"; FAILED: {' '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

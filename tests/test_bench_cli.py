@@ -3,7 +3,8 @@
 The end-to-end test uses ``prefix_attention``: its quick pass is the shortest of the four ops on a 2-core CPU
 (~3 s of timing against ~10 s for soft_prompt, ~15 s for label_map, ~20 s for visual_prompt, which compile).
 It runs the CLI in a subprocess from a temporary working directory (so the benchmarks/ folder is found from the
-package's path, not the cwd) and writes its rows and plots into tmp_path, leaving benchmarks/results untouched.
+package's path, not the cwd) with the default --out, so its rows and plots land in ./reprokernels-bench/ of that
+directory and benchmarks/results is left untouched.
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
-    res, plots, cwd = tmp_path / "res", tmp_path / "plots", tmp_path / "cwd"
+    cwd = tmp_path / "cwd"
     cwd.mkdir()
+    res = plots = cwd / "reprokernels-bench"
     before = _snapshot(REPO_RESULTS) if REPO_RESULTS.exists() else {}
     proc = subprocess.run(
-        [sys.executable, "-m", "reprokernels", "bench", "--quick", "--ops", "prefix_attention", "--device", "cpu",
-         "--out", str(plots), "--results-dir", str(res)],
+        [sys.executable, "-m", "reprokernels", "bench", "--quick", "--ops", "prefix_attention", "--device", "cpu"],
         cwd=cwd, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
+    assert "USDT" not in proc.stderr and "profiler_start" not in proc.stderr, proc.stderr[-2000:]
+    assert "peak MB" in out and "no 'peak MB' line" not in out
 
     # the measured limits are printed, then one side-by-side block per shape/dtype/mode
     assert "measured limits: copy bandwidth" in out and "TFLOP/s (float32" in out
