@@ -71,3 +71,11 @@ def test_grid_rules(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_failing_op_is_a_violation() -> None:
     bad = aot_rules.violations([_rec(error="RuntimeError: x")], [], [])
     assert bad == ["op/case: the op failed: RuntimeError: x"]
+
+
+def test_small_ops_are_exempt_from_the_wave_rule() -> None:
+    small = _rec(launches=[("_k", (8, 1, 1))])
+    small["phases"]["fwd"]["op_bytes"] = aot_rules.SMALL_OP_BYTES - 1
+    assert aot_rules.violations([small], [], []) == []
+    small["phases"]["fwd"]["op_bytes"] = aot_rules.SMALL_OP_BYTES
+    assert aot_rules.violations([small], [], [])

@@ -128,17 +128,36 @@ _SYNC_OPS = {
 }
 
 
+def _nbytes(tree: object) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(t) for t in tree)
+    return 0
+
+
 class SyncCounter(TorchDispatchMode):
+    """Counts host syncs, and the bytes the op's registered kernels take and return (its minimum traffic)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.syncs: collections.Counter = collections.Counter()
+        self.op_bytes = 0
+        self._depth = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         name = func._schema.name.split("::")[-1]
         if func.namespace == "reprokernels":  # look inside the custom op's CPU implementation
-            with self:
-                return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            self._depth += 1
+            try:
+                with self:
+                    out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            finally:
+                self._depth -= 1
+            if self._depth == 0:
+                self.op_bytes += _nbytes(list(args)) + _nbytes(list(kwargs.values())) + _nbytes(out)
+            return out
         if name in _SYNC_OPS and not (name == "repeat_interleave" and kwargs.get("output_size") is not None):
             self.syncs[_SYNC_OPS[name]] += 1
         if name in ("index", "index_put", "index_put_") and any(
@@ -187,7 +206,7 @@ def run_scenarios(selected: list, backend: str = "triton") -> list[dict]:
                 finally:
                     _ACTIVE.pop()
                 rec["phases"][phase] = dict(
-                    launch_ids=list(range(n0, len(LAUNCHES))), syncs=dict(ctr.syncs),
+                    launch_ids=list(range(n0, len(LAUNCHES))), syncs=dict(ctr.syncs), op_bytes=ctr.op_bytes,
                     launches=[(L["fn"].__name__, L["grid"]) for L in LAUNCHES[n0:]])
         except Exception as e:
             rec["error"] = f"{type(e).__name__}: {e}"
