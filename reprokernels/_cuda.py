@@ -15,7 +15,8 @@ from types import ModuleType
 
 import torch
 
-REBUILD_HINT = "rebuild with: REPROKERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation"
+REBUILD_HINT = ('rebuild with: pip install "setuptools>=64" wheel "pybind11>=2.10" && '
+                'REPROKERNELS_BUILD_CUDA=1 pip install -e . --no-build-isolation')
 _BUILD_INFO = Path(__file__).with_name("_build_info.json")
 
 

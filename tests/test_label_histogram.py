@@ -3,9 +3,6 @@ accumulation, determinism, registration (opcheck, compile, export), errors."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,7 +10,7 @@ from hypothesis import strategies as st
 
 import reprokernels as rk
 from reprokernels import BackendUnavailableError
-from tests.utils import as_layout, assert_close
+from tests.utils import as_layout, assert_close, traffic_counter
 
 triton_backends = ["triton"] if rk._backend.triton_installed() else []
 backends = ["reference", *triton_backends]
@@ -218,15 +215,9 @@ def test_triton_is_deterministic(backend):
 @pytest.mark.parametrize("backend", triton_backends)
 def test_triton_counts_touch_only_the_batch_cells(backend):
     """Memory plan: counts read the logits once and write only the (prediction, target) cells they hit."""
-    tools = Path(__file__).resolve().parents[2] / "shared" / "tools"
-    if not (tools / "triton_traffic.py").exists():
-        pytest.skip("shared/tools/triton_traffic.py not available")
-    sys.path.insert(0, str(tools))
-    from triton_traffic import Traffic
-
     x, y = torch.randn(12, 40), torch.randint(0, 3, (12,))
     out = torch.zeros(40, 3)
-    with Traffic() as t:
+    with traffic_counter() as t:
         rk.label_histogram(x, y, 40, 3, out=out, backend=backend)
     cells = int((out != 0).sum())
     assert t.stored_unique == 12 * 4 + cells * 4  # the row predictions (int32) + the touched cells of out
