@@ -325,15 +325,18 @@ def test_decode_splits_trigger():
 
 
 def test_decode_prefix_splits_trigger():
-    """GPU defaults at the issue's decode shapes (Hq = 32, Hkv = 8, Lq = 1, d = 128: stage 1 BLOCK_M = 128,
-    BLOCK_N = 64): stage 1 has 8 / 16 / 64 programs at B = 16 / 64 / 256 and splits the prefix towards 264."""
-    assert [pa.decode_stage1_programs(B, 4, 1, 8, 1, 128) for B in (16, 64, 256)] == [8, 16, 64]
-    plan = {(B, P): pa.decode_prefix_splits(pa.decode_stage1_programs(B, 4, 1, 8, 1, 128), P, 64)
+    """GPU defaults at the issue's decode shapes (Hq = 32, Hkv = 8, Lq = 1, d = 128: 16-bit stage 1 BLOCK_M = 64,
+    BLOCK_N = 64): stage 1 has 8 / 32 / 128 programs at B = 16 / 64 / 256 and splits the prefix towards 264."""
+    cfg = pa._GPU_CONFIGS[("stage1", 16, 128)]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    assert (bm, bn) == (64, 64)
+    assert [pa.decode_stage1_programs(B, 4, 1, 8, 1, bm) for B in (16, 64, 256)] == [8, 32, 128]
+    plan = {(B, P): pa.decode_prefix_splits(pa.decode_stage1_programs(B, 4, 1, 8, 1, bm), P, bn)
             for B in (16, 64, 256) for P in (512, 2048, 8192)}
     assert plan == {
         (16, 512): (2, 256), (16, 2048): (8, 256), (16, 8192): (32, 256),
-        (64, 512): (2, 256), (64, 2048): (8, 256), (64, 8192): (16, 512),
-        (256, 512): (2, 256), (256, 2048): (5, 448), (256, 8192): (5, 1664),
+        (64, 512): (2, 256), (64, 2048): (8, 256), (64, 8192): (9, 960),
+        (256, 512): (2, 256), (256, 2048): (3, 704), (256, 8192): (3, 2752),
     }
     assert pa.decode_prefix_splits(8, 511, 64) == (1, 511)  # shorter than two minimum chunks
     assert pa.decode_prefix_splits(264, 8192, 64) == (1, 8192)  # enough programs already
@@ -568,3 +571,111 @@ def test_mixed_dtypes_float16_activations_float32_prefix():
     assert_close(lse, r_lse, rtol=1e-3, atol=1e-3, name="lse")
     for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, r_grads, strict=True):
         assert_close(a, r, rtol=1e-2, atol=1e-2, name=name)
+
+
+# --------------------------------------------------------------------------------------------------- split prefix grads
+
+
+def force_prefix_grad_split(mp, min_items=1):
+    """Split the prefix dK/dV pass into shares of max(min_items, 1) work items whenever there are two."""
+    mp.setattr(pa, "PREFIX_GRAD_SPLIT_MIN_PROGRAMS", 10**9)
+    mp.setattr(pa, "PREFIX_GRAD_SPLIT_MIN_ITEMS", min_items)
+
+
+def spy_grad_splits(mp):
+    """Record the number of shares the launcher picks for the prefix gradient."""
+    seen = []
+    orig = pa.prefix_grad_splits
+
+    def spy(*args):
+        seen.append(orig(*args))
+        return seen[-1]
+
+    mp.setattr(pa, "prefix_grad_splits", spy)
+    return seen
+
+
+@given(
+    B=st.integers(1, 3), heads=st.sampled_from(HEADS), Lq=odd_len, Lk=odd_len, P=st.integers(1, 40),
+    D=st.sampled_from([32, 80]), causal=st.booleans(), prefix=st.sampled_from(["shared", "task"]),
+    padding=st.sampled_from(["none", "mask", "lengths"]), min_items=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_prefix_grads_match_oracle(B, heads, Lq, Lk, P, D, causal, prefix, padding, min_items, seed):
+    """The prefix dK/dV pass split into shares of (row, q head, query block) items + the fixed-order sum of the
+    float32 partials, against the float64 oracle (every gradient; tasks may own no row)."""
+    Hq, Hkv = heads
+    g = torch.Generator().manual_seed(seed)
+    case = make_case(B, Hq, Hkv, Lq, Lk, P, D, prefix=prefix, padding=padding, gen=g)
+    with pytest.MonkeyPatch.context() as mp:
+        force_prefix_grad_split(mp, min_items)
+        seen = spy_grad_splits(mp)
+        check(case, causal, gen=g)
+    items = -(-B // (min(3, B) if prefix == "task" else 1)) * (Hq // Hkv) * -(-Lq // 16)
+    assert seen == [max(1, items // min_items)]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,P,prefix,task_ids", [
+    (5, 4, 2, 37, 21, "task", [2, 0, 2, 2, 0]),  # task 1 owns no row: its gradient is 0, written by the sum
+    (3, 8, 1, 19, 40, "shared", None),           # MQA: a share crosses heads and rows
+    (2, 2, 2, 33, 16, "shared", None),           # one key block, shares inside one head
+])
+def test_split_prefix_grads_deterministic(B, Hq, Hkv, Lq, P, prefix, task_ids, monkeypatch):
+    """Split: bitwise the same in two runs, equal to the unsplit pass up to float32 rounding, and an unused task
+    gets exactly 0."""
+    case = make_case(B, Hq, Hkv, Lq, 23, P, 32, prefix=prefix, padding="mask")
+    if task_ids is not None:
+        case["task_ids"] = torch.tensor(task_ids)
+    grad_out = torch.randn(case["q"].shape, generator=torch.Generator().manual_seed(2))
+    need = (False, False, False, True, True)
+    _, _, g1 = run_triton(case, True, 0.2, grad_out, need)
+    force_prefix_grad_split(monkeypatch)
+    seen = spy_grad_splits(monkeypatch)
+    _, _, gs = run_triton(case, True, 0.2, grad_out, need)
+    _, _, gs2 = run_triton(case, True, 0.2, grad_out, need)
+    assert len(seen) == 2 and seen[0] > 1
+    for i, name in ((3, "dprefix_k"), (4, "dprefix_v")):
+        assert torch.equal(gs[i], gs2[i]), f"{name} not deterministic"
+        assert_close(gs[i], g1[i], rtol=1e-5, atol=1e-5, name=f"{name} split vs unsplit")
+        if task_ids is not None:
+            assert torch.all(gs[i][1] == 0), name
+
+
+# --------------------------------------------------------------------------------------------------- mixed dtypes
+
+
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("prefix,split", [("shared", False), ("task", True), ("shared", True)])
+def test_mixed_16bit_activations_float32_prefix(act, prefix, split, monkeypatch):
+    """16-bit q/k/v with a float32 prefix (float32 master weights): the prefix tiles are cast to the activation
+    dtype for the dots (float16 here; bfloat16 computes in float32 under the interpreter), its gradients
+    accumulate in float32 and come back float32. Every output against the float64 oracle, tolerances scaled to
+    the activation dtype; split or not."""
+    case = make_case(3, 4, 2, 21, 19, 23, 32, prefix=prefix, padding="mask", dtype=act)
+    case["prefix_k"], case["prefix_v"] = case["prefix_k"].float(), case["prefix_v"].float()
+    if split:
+        force_prefix_grad_split(monkeypatch)
+    grad_out = torch.randn(case["q"].shape, generator=torch.Generator().manual_seed(4)).to(act)
+    out, lse, grads = run_triton(case, True, 32 ** -0.5, grad_out)
+    r_out, r_lse, r_grads = run_oracle(case, True, 32 ** -0.5, grad_out)
+    assert out.dtype == act and grads[3].dtype == grads[4].dtype == torch.float32
+    assert grads[0].dtype == grads[1].dtype == grads[2].dtype == act
+    assert_close(out, r_out, dtype=act, scale=2.0, name="out")
+    assert_close(lse, r_lse, dtype=act, name="lse")
+    for name, a, r in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, r_grads, strict=True):
+        assert_close(a, r, dtype=act, scale=2.0 * max(1.0, r.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16])
+def test_mixed_decode(act, monkeypatch):
+    """The decode path (both splits forced) with 16-bit activations and a float32 prefix table."""
+    case = decode_case(3, 8, 2, 2, 37, 40, prefix="task", dtype=act, seed=9)
+    case["prefix_k"], case["prefix_v"] = case["prefix_k"].float(), case["prefix_v"].float()
+    force_split(monkeypatch)
+    force_prefix_split(monkeypatch)
+    out, lse = run_fwd(case, True, 0.2)
+    r_out, r_lse = oracle(case["q"], case["k"], case["v"], case["prefix_k"], case["prefix_v"], case["task_ids"],
+                          None, case["kv_lengths"], True, 0.2)
+    assert out.dtype == act
+    assert_close(out, r_out, dtype=act, scale=2.0, name="out")
+    assert_close(lse, r_lse, dtype=act, name="lse")

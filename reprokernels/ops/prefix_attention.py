@@ -135,6 +135,8 @@ def prefix_attention(
             chosen per row by ``task_ids`` (B,); both or neither (None: plain attention, as P = 0). Every query
             sees all P prefix keys. They may have another floating dtype than q (e.g. float32 master weights
             with a bf16 model); their gradient comes back in their dtype, summed over the batch (per task).
+            The triton backend multiplies in q's dtype: a float32 prefix beside 16-bit q is rounded to it for
+            the tensor-core products, while its gradient accumulates in float32.
         causal: among the sequence's own keys, bottom-right aligned: query i sees keys 0 ... Lk - Lq + i.
         key_padding_mask: (B, Lk) bool, True = keep. Or ``kv_lengths`` (B,) int: keys >= kv_lengths[b] unseen
             (decoding against a KV cache, Lq may be 1). Not both.
