@@ -836,14 +836,15 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> dict:
 # accumulators of 4 warps took all 255 registers). Decode stage 1 uses BLOCK_M = 64 (32 at d = 256): at the
 # decode shapes (B * G * Lq = 256 queries per kv head) that doubles the M blocks of 128 -- more programs before the
 # prefix must be split, and the extra prefix reads are concurrent, so L2 serves them. Decode pass 2 packs up to 32
-# G * Lq rows ("decode", BLOCK_M is a cap) with long key blocks, or more ("decode_wide").
+# G * Lq rows ("decode", BLOCK_M is a cap) with long key blocks, or more ("decode_wide"); it is memory-bound, so
+# at d = 128 two stages (72 KB of shared memory: 2 CTAs per SM on sm_80, 3 on sm_90) rather than three (136 KB: 1).
 _KINDS = ("fwd", "stage1", "decode", "decode_wide", "dkdv", "dq", "dprefix")
 _TILES_16 = {
     32: ((128, 64, 4, 3), (64, 64, 8, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2),
          (32, 64, 8, 2)),
     64: ((128, 64, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2),
          (32, 64, 8, 2)),
-    128: ((128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2),
+    128: ((128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 4, 2), (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2),
           (32, 64, 8, 2)),
     256: ((64, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 32, 8, 1), (32, 32, 4, 2),
           (16, 32, 8, 1)),
