@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ._backend import BACKENDS, BackendUnavailableError, op_backends, resolve_backend
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -165,3 +167,94 @@ def check_nonzero(t: torch.Tensor, name: str) -> None:
             raise ValueError(f"{name}: expected non-zero values, got {t.tolist()}")
         return
     torch._assert_async((t != 0).all(), f"{name}: expected non-zero values")
+
+
+# --- argument shapes, memory layouts, meta tensors ----------------------------------------------------------
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _as_real(value: object) -> float | None:
+    """float(value) for a real number (int, float, numpy scalar, one-element tensor with values), else None;
+    bools and strings are not numbers here."""
+    if isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except Exception:  # TypeError, ValueError, a meta tensor's NotImplementedError...
+        return None
+
+
+def check_real(value: object, name: str) -> float:
+    """A real number -> float, else a named TypeError."""
+    v = _as_real(value)
+    if v is None:
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    return v
+
+
+def check_reals(value: object, name: str, what: str) -> list[float]:
+    """A sequence of real numbers -> list of floats, else a named TypeError (never Python's own message)."""
+    items = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            items = [_as_real(v) for v in value]  # type: ignore[union-attr]
+        except TypeError:
+            items = None
+    if items is None or any(v is None for v in items):
+        raise TypeError(f"{name}: expected {what}, got {value!r}")
+    return items  # type: ignore[return-value]
+
+
+def check_real_pair(value: object, name: str, what: str = "(lo, hi)") -> tuple[float, float]:
+    """Exactly two real numbers -> (float, float), else a named TypeError (never an unpacking error)."""
+    items = check_reals(value, name, f"{what}, two real numbers")
+    if len(items) != 2:
+        raise TypeError(f"{name}: expected {what}, two real numbers, got {value!r}")
+    return items[0], items[1]
+
+
+def check_index_dtype(t: torch.Tensor, name: str, dtypes: Sequence[torch.dtype] = INDEX_DTYPES,
+                      what: str = "an integer tensor") -> None:
+    """An integer index tensor (never bool: a mask is not an index) of one of ``dtypes``."""
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name}: expected {what} ({_dtype_names(dtypes)}), got {t.dtype}")
+
+
+def has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` address the same memory (an expanded, stride-0 or overlapping view): such a
+    tensor cannot be written element by element without losing updates. From sizes and strides only."""
+    dims = sorted((abs(st), n) for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    extent = 1  # elements spanned by the dims of smaller stride
+    for st, n in dims:
+        if st < extent:
+            return True
+        extent = st * (n - 1) + extent
+    return False
+
+
+def check_writable(t: torch.Tensor, name: str) -> None:
+    """An output written in place: no element may share memory with another (refused on every backend)."""
+    if has_internal_overlap(t):
+        raise ValueError(f"{name}: expected a tensor whose elements have distinct memory (it is written in "
+                         f"place), got an expanded/overlapping view with shape {tuple(t.shape)} and strides "
+                         f"{tuple(t.stride())}; pass a fresh tensor or .clone() it")
+
+
+def is_meta(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of the tensors lives on the meta device (values absent: only shapes and dtypes flow)."""
+    return any(t is not None and t.device.type == "meta" for t in tensors)
+
+
+def resolve_backend_for(op: str, backend: str, device: torch.device, **kwargs: object) -> str:
+    """``resolve_backend``, except that meta tensors (no values: FSDP2-style construction on the meta device)
+    take the op's fake implementation whatever backend is named: a named backend is still checked to exist for
+    the op (a typo fails the same everywhere), but not to be runnable here, since nothing runs."""
+    if device.type != "meta":
+        return resolve_backend(op, backend, device, **kwargs)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto" and backend not in op_backends(op):
+        raise BackendUnavailableError(
+            f"backend: {op} has no {backend!r} backend (it has: {', '.join(op_backends(op))})")
+    return "reference"

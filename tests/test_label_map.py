@@ -369,7 +369,7 @@ def test_triton_traffic_reads_each_row_once():
         (torch.tensor([[3, -2]]), {}, ValueError, r"mapping: expected values in .* got -2"),
         (torch.tensor([1.0, 2.0]), {}, ValueError, r"mapping: a dense \(float\) mapping must be \(K_src=10, K_tgt\)"),
         (torch.rand(9, 3), {}, ValueError, r"mapping: a dense .* got shape \(9, 3\)"),
-        (torch.tensor([True, False]), {}, TypeError, "mapping: expected a LongTensor of source indices"),
+        (torch.tensor([True, False]), {}, TypeError, r"mapping: expected integer source indices .* got torch.bool"),
         (torch.zeros(2, 2, 2, dtype=torch.long), {}, ValueError, r"mapping: an index mapping must be \(K_tgt,\)"),
         (torch.tensor([1]), dict(reduce="max"), ValueError, "reduce: expected one of 'mean', 'sum'"),
         (torch.tensor([1]), dict(input="softmax"), ValueError, "input: expected one of 'logits', 'probs', 'log_probs'"),

@@ -148,13 +148,14 @@ def _backward_plan(B: int, C: int, H: int, W: int, mask4: torch.Tensor | None, n
     """
     max_chunk = int(_cuda.extension().VISUAL_PROMPT_MAX_CHUNK)
     Bp = max(B, 1)
+    # max(..., 1): with C == 0 there is no work item (the caller launches nothing), only a plan to return
     if mask4 is None:
         kh = kw = 1
-        cells = C * H * W
+        cells = max(C * H * W, 1)
     else:
         _, Cm, Hm, Wm = mask4.shape
         kh, kw = H // Hm, W // Wm
-        cells = (1 if Cm == 1 and need_mask else C) * Hm * Wm
+        cells = max((1 if Cm == 1 and need_mask else C) * Hm * Wm, 1)
     if need_mask and mask4 is not None and mask4.shape[0] != 1:
         chunk = min(Bp, max_chunk)
     else:

@@ -16,19 +16,31 @@ import importlib
 
 import torch
 
-from .._backend import register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_choice, check_float, check_index_range, check_same_device, check_tensor
+from .._backend import register_op
+from .._validation import (
+    KERNEL_DTYPES,
+    check_choice,
+    check_float,
+    check_index_dtype,
+    check_index_range,
+    check_same_device,
+    check_tensor,
+    check_writable,
+    resolve_backend_for,
+)
 from ..reference.label_histogram import WEIGHTS, effective_topk
 
 OP = "label_histogram"
-register_op(OP, ("reference", "triton", "cuda"))
+register_op(OP, ("reference", "triton", "cuda", "cpu"))
 
 _MODULES = {
     "reference": "reprokernels.reference.label_histogram",
     "triton": "reprokernels.triton.label_histogram",
     "cuda": "reprokernels.cuda.label_histogram",
+    "cpu": "reprokernels.cpu.label_histogram",
 }
-INDEX_DTYPES = (torch.int64, torch.int32)
+# what the kernels read in place; narrower integer indices are widened to int32 first (B integers, no host sync)
+KERNEL_INDEX_DTYPES = (torch.int64, torch.int32)
 
 torch.library.define(
     "reprokernels::label_histogram_accumulate",
@@ -52,6 +64,10 @@ def _check_int(value: object, name: str, minimum: int) -> int:
     return value
 
 
+def _kernel_index(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype in KERNEL_INDEX_DTYPES else t.to(torch.int32)
+
+
 def _check_range(t: torch.Tensor, hi: int, name: str) -> None:
     """Integer labels in [0, hi), checked before any kernel reads memory (skipped while torch.compile traces)."""
     check_index_range(t, 0, hi - 1, name)
@@ -64,8 +80,10 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
 
     Args:
         logits_or_preds: (..., K_src) float logits of the frozen model (float32/float16/bfloat16; float64 on the
-            reference backend; any strides), or integer predictions (...) in [0, K_src) (``weight="count"``).
-        targets: (...) int64/int32 target labels in [0, K_tgt), the leading shape of the logits.
+            reference backend; any strides), or integer predictions (...) in [0, K_src) (``weight="count"``; any
+            integer dtype as for targets).
+        targets: (...) integer target labels in [0, K_tgt) (int64/int32/int16/int8/uint8, any strides, stride 0
+            included), the leading shape of the logits.
         num_source, num_target: K_src and K_tgt.
         topk: ``weight="prob"`` only: keep the k largest probabilities of each sample (ties at the k-th value:
             lowest source index first); None (or k >= K_src) keeps all of them. BLM+ uses
@@ -74,7 +92,9 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
             maximal index, NaN counts as the maximum); ``"prob"``: D[s, y_b] += softmax(logits[b])[s] for the
             kept s (BLM+).
         out: a running (K_src, K_tgt) float32 statistic on the logits' device to accumulate into; it is the
-            one tensor the op writes, in place, and it is returned. None: a fresh zero tensor.
+            one tensor the op writes, in place, and it is returned; it may hold values (they are added to) and
+            have any non-overlapping strides, the same on every backend; an expanded / overlapping view is
+            refused (ValueError naming ``out``). None: a fresh zero tensor.
 
     Returns:
         ``out``: (K_src, K_tgt) float32. Counts are exact integers up to 2**24 per cell; accumulating batch by
@@ -87,8 +107,7 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
     _check_int(num_target, "num_target", 1)
     x = check_tensor(logits_or_preds, "logits_or_preds")
     check_tensor(targets, "targets")
-    if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"targets: expected an int64/int32 tensor of target labels, got {targets.dtype}")
+    check_index_dtype(targets, "targets", what="an integer tensor of target labels")
     if topk is not None:
         if weight != "prob":
             raise ValueError(f"topk: only used with weight='prob', got topk={topk!r} with weight={weight!r}")
@@ -99,8 +118,7 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
             raise ValueError(f"logits_or_preds: expected logits (..., K_src={num_source}), got shape {tuple(x.shape)}")
         lead = tuple(x.shape[:-1])
     else:
-        if x.dtype not in INDEX_DTYPES:
-            raise TypeError(f"logits_or_preds: expected float logits or int64/int32 predictions, got {x.dtype}")
+        check_index_dtype(x, "logits_or_preds", what="float logits or integer predictions")
         if weight != "count":
             raise ValueError("logits_or_preds: weight='prob' needs float logits, got integer predictions")
         lead = tuple(x.shape)
@@ -120,13 +138,19 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
                              f"got {tuple(out.shape)}")
         if out.requires_grad:
             raise ValueError("out: a statistic is written in place; it must not require grad")
+        # an expanded view would have several cells add into one memory location (lost or doubled counts)
+        check_writable(out, "out")
     _check_range(targets, num_target, "targets")
     if not x.is_floating_point():
         _check_range(x, num_source, "logits_or_preds")
-    chosen = resolve_backend(OP, backend, x.device)
+    chosen = resolve_backend_for(OP, backend, x.device)
     if chosen != "reference" and x.is_floating_point():
         check_float(x, "logits_or_preds", KERNEL_DTYPES)
-    flat = x.detach().reshape(-1, num_source) if x.is_floating_point() else x.reshape(-1)
+    if x.is_floating_point():
+        flat = x.detach().reshape(-1, num_source)
+    else:
+        flat = _kernel_index(x.reshape(-1))
     k = effective_topk(topk, num_source) if weight == "prob" else 0
-    torch.ops.reprokernels.label_histogram_accumulate(out, flat, targets.reshape(-1), k, weight, chosen)
+    torch.ops.reprokernels.label_histogram_accumulate(out, flat, _kernel_index(targets.reshape(-1)), k, weight,
+                                                      chosen)
     return out

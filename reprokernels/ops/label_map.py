@@ -7,19 +7,30 @@ import importlib
 import torch
 
 from .._amp import no_autocast
-from .._backend import register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_choice, check_float, check_index_range, check_same_device, check_tensor
+from .._backend import register_op
+from .._validation import (
+    INDEX_DTYPES,
+    KERNEL_DTYPES,
+    check_choice,
+    check_float,
+    check_index_range,
+    check_same_device,
+    check_tensor,
+    resolve_backend_for,
+)
 from ..reference.label_map import INPUTS, REDUCES, out_dtype
 
 OP = "label_map"
-register_op(OP, ("reference", "triton", "cuda"))
+register_op(OP, ("reference", "triton", "cuda", "cpu"))
 
 _MODULES = {
     "reference": "reprokernels.reference.label_map",
     "triton": "reprokernels.triton.label_map",
     "cuda": "reprokernels.cuda.label_map",
+    "cpu": "reprokernels.cpu.label_map",
 }
-INDEX_DTYPES = (torch.int64, torch.int32)
+# what the kernels read in place; narrower integer mappings are widened to int32 first (a K_tgt x m copy)
+KERNEL_INDEX_DTYPES = (torch.int64, torch.int32)
 
 torch.library.define(
     "reprokernels::label_map_fwd",
@@ -32,10 +43,19 @@ torch.library.define(
 )
 
 
+def _kernel_mapping(mapping: torch.Tensor, backend: str) -> torch.Tensor:
+    """The kernels read float32/float16/bfloat16 dense weights: a float64 one is rounded to float32, as the
+    reference rounds every mapping to its compute dtype (float32 unless the logits are float64)."""
+    if backend != "reference" and mapping.dtype == torch.float64:
+        return mapping.to(torch.float32)
+    return mapping
+
+
 @torch.library.impl("reprokernels::label_map_fwd", ["CPU", "CUDA"])
 def _fwd(logits, mapping, reduce, input, backend):
     with no_autocast(logits.device):
-        return importlib.import_module(_MODULES[backend]).label_map(logits, mapping, reduce, input)
+        return importlib.import_module(_MODULES[backend]).label_map(logits, _kernel_mapping(mapping, backend),
+                                                                    reduce, input)
 
 
 @torch.library.register_fake("reprokernels::label_map_fwd")
@@ -50,7 +70,10 @@ def _fwd_fake(logits, mapping, reduce, input, backend):
 def _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend):
     mod = importlib.import_module(_MODULES[backend])
     with no_autocast(logits.device):
-        dx, dw = mod.label_map_backward(grad, logits, mapping, out, lse, reduce, input, *needs)
+        dx, dw = mod.label_map_backward(grad, logits, _kernel_mapping(mapping, backend), out, lse, reduce, input,
+                                        *needs)
+    if dw is not None:
+        dw = dw.to(mapping.dtype)
     return tuple(grad.new_empty((0,)) if t is None else t for t in (dx, dw))
 
 
@@ -90,14 +113,14 @@ def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
             raise ValueError(f"mapping: a dense (float) mapping must be (K_src={k_src}, K_tgt), "
                              f"got shape {tuple(mapping.shape)}")
         return mapping
-    if mapping.dtype not in INDEX_DTYPES:
-        raise TypeError(f"mapping: expected a LongTensor of source indices (or a float (K_src, K_tgt) matrix), "
-                        f"got {mapping.dtype}")
+    if mapping.dtype not in INDEX_DTYPES:  # (bool included: a mask is not a mapping)
+        raise TypeError(f"mapping: expected integer source indices (int64/int32/int16/int8/uint8) or a float "
+                        f"(K_src, K_tgt) matrix, got {mapping.dtype}")
     if mapping.dim() not in (1, 2):
         raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
     m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
     check_index_range(m2, -1, k_src - 1, "mapping", "source indices, or -1 for none")
-    return m2
+    return m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)
 
 
 def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mean", input: str = "logits",
@@ -107,16 +130,19 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     Args:
         logits: (..., K_src) the frozen model's outputs, float32/float16/bfloat16 (float64 on the reference
             backend), any strides; leading dims are flattened and restored.
-        mapping: (K_tgt,) long one-to-one; (K_tgt, m) long many-to-one (-1 = no source, skipped; entries may
-            repeat); or (K_src, K_tgt) float dense weights (BLM/BLM+ omega, any fixed or learnable linear map).
+        mapping: (K_tgt,) integer one-to-one; (K_tgt, m) integer many-to-one (-1 = no source, skipped; entries
+            may repeat; int64/int32/int16/int8/uint8, any strides); or (K_src, K_tgt) float dense weights
+            (BLM/BLM+ omega, any fixed or learnable linear map; any float dtype on every backend, rounded to the
+            compute dtype, its gradient returned in its own dtype).
         reduce: "mean" | "sum" over a target's real sources (index mappings; a target with none gives 0).
         input: "logits" (as they are), "probs" (softmax over K_src first) or "log_probs" (log-softmax first).
             Index mappings never materialise the softmax: one pass for the row's max / log-sum-exp, then
             only the mapped columns are read.
 
     Returns:
-        (..., K_tgt): float32 for probs/log_probs, else the logits' dtype. Differentiable in logits and in a
-        dense mapping.
+        (..., K_tgt): float32 for probs/log_probs, else the logits' dtype (float64 logits: float64 always).
+        Computed in float32, or float64 for float64 logits (reference backend only). Differentiable in logits
+        and in a dense mapping. K_src = 0 is refused (ValueError naming ``logits``).
     """
     check_float(logits, "logits")
     if logits.dim() < 1:
@@ -124,14 +150,14 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     check_choice(reduce, REDUCES, "reduce")
     check_choice(input, INPUTS, "input")
     k_src = logits.shape[-1]
+    if k_src == 0:  # softmax, max and mean over no source class are undefined: refused on every backend
+        raise ValueError(f"logits: expected at least one source class (K_src >= 1), got shape {tuple(logits.shape)}")
     m2 = _check_mapping(mapping, k_src)
     check_same_device(("logits", logits), ("mapping", mapping))
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, k_src)
-    chosen = resolve_backend(OP, backend, logits.device)
+    chosen = resolve_backend_for(OP, backend, logits.device)
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
-        if m2.is_floating_point():
-            check_float(m2, "mapping", KERNEL_DTYPES)
     out, _ = LabelMapFunction.apply(flat, m2, reduce, input, chosen)
     return out.reshape(*lead, out.shape[-1])

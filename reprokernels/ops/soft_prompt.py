@@ -7,26 +7,30 @@ from typing import NamedTuple
 
 import torch
 
-from .._backend import register_op, resolve_backend
+from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
+    INDEX_DTYPES,
     KERNEL_DTYPES,
     check_float,
+    check_index_dtype,
     check_index_range,
     check_ndim,
     check_same_device,
     check_tensor,
+    resolve_backend_for,
 )
 
 OP = "soft_prompt_concat"
-register_op(OP, ("reference", "triton", "cuda"))
+register_op(OP, ("reference", "triton", "cuda", "cpu"))
 
 _MODULES = {
     "reference": "reprokernels.reference.soft_prompt",
     "triton": "reprokernels.triton.soft_prompt",
     "cuda": "reprokernels.cuda.soft_prompt",
+    "cpu": "reprokernels.cpu.soft_prompt",
 }
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+INT_DTYPES = INDEX_DTYPES
 
 
 class PromptedInputs(NamedTuple):
@@ -50,11 +54,20 @@ torch.library.define(
 )
 
 
+def _kernel_prompt(prompt: torch.Tensor, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """The kernels read float32/float16/bfloat16 prompts: a float64 one is rounded straight into ``dtype`` (the
+    output's), exactly the reference's single rounding of the prompt into the token dtype."""
+    if backend != "reference" and prompt.dtype not in KERNEL_DTYPES:
+        return prompt.to(dtype)
+    return prompt
+
+
 @torch.library.impl("reprokernels::soft_prompt_concat_fwd", ["CPU", "CUDA"])
 def _fwd(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
     mod = importlib.import_module(_MODULES[backend])
-    return mod.soft_prompt_concat(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
-                                  embed_scale)
+    tokens = inputs_embeds if inputs_embeds is not None else embedding_weight
+    return mod.soft_prompt_concat(_kernel_prompt(prompt, tokens.dtype, backend), input_ids, inputs_embeds,
+                                  embedding_weight, task_ids, insert_at, embed_scale)
 
 
 @torch.library.register_fake("reprokernels::soft_prompt_concat_fwd")
@@ -70,7 +83,11 @@ def _fwd_fake(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, inse
 @torch.library.impl("reprokernels::soft_prompt_concat_bwd", ["CPU", "CUDA"])
 def _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
     mod = importlib.import_module(_MODULES[backend])
-    dp, de = mod.soft_prompt_concat_backward(grad, prompt, task_ids, insert_at, L, embed_scale, *needs)
+    # (the backward reads only the prompt's shape and dtype: its gradient is accumulated in float32 and cast)
+    dp, de = mod.soft_prompt_concat_backward(grad, _kernel_prompt(prompt, torch.float32, backend), task_ids,
+                                             insert_at, L, embed_scale, *needs)
+    if dp is not None:
+        dp = dp.to(prompt.dtype)
     return tuple(grad.new_empty((0,)) if t is None else t for t in (dp, de))
 
 
@@ -108,8 +125,7 @@ def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: 
     if t is None:
         return
     check_tensor(t, name)
-    if t.dtype not in INT_DTYPES:
-        raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
+    check_index_dtype(t, name)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     check_index_range(t, 0, hi, name, what)
@@ -151,9 +167,14 @@ def soft_prompt_concat(
 
     Returns:
         ``PromptedInputs(inputs_embeds, attention_mask, labels, position_ids)``. ``inputs_embeds`` has the
-        token embeddings' dtype (``inputs_embeds``'s or ``embedding_weight``'s: the model's), the prompt cast
-        into it. ``position_ids`` (cumsum of the mask minus 1, 0 where masked) is given when
-        ``attention_mask`` is, so left- and right-padded batches both work; else None.
+        token embeddings' dtype (``inputs_embeds``'s or ``embedding_weight``'s: the model's), the prompt rounded
+        into it once (a float32 prompt with bfloat16 embeddings gives bfloat16 prompt rows; a float64 prompt is
+        accepted by every backend). The prompt's gradient is summed in float32 (float64 when the embeddings
+        are float64) and returned in the prompt's dtype. Float64 token embeddings run on the reference backend
+        only (``auto`` on CPU). Index tensors (input_ids, task_ids, insert_at) may be
+        int64/int32/int16/int8/uint8 with any strides, stride 0 included; uint8 is an index, never a mask.
+        ``position_ids`` (cumsum of the mask minus 1, 0 where masked) is given when ``attention_mask`` is, so
+        left- and right-padded batches both work; else None.
     """
     check_float(prompt, "prompt")
     check_ndim(prompt, (2, 3), "prompt", "(P, D) or (T, P, D)")
@@ -202,9 +223,8 @@ def soft_prompt_concat(
                       ("embedding_weight", embedding_weight), ("task_ids", task_ids), ("insert_at", insert_at),
                       ("attention_mask", attention_mask), ("labels", labels))
     scale = 1.0 if embed_scale is None else float(embed_scale)
-    chosen = resolve_backend(OP, backend, prompt.device)
+    chosen = resolve_backend_for(OP, backend, prompt.device)
     if chosen != "reference":
-        check_float(prompt, "prompt", KERNEL_DTYPES)
         if tokens_dtype not in KERNEL_DTYPES:
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
                             f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")

@@ -9,26 +9,32 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._backend import register_op, resolve_backend
+from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
     KERNEL_DTYPES,
+    _as_real,
     check_choice,
     check_float,
     check_ndim,
     check_nonzero,
     check_pair,
+    check_real,
+    check_real_pair,
+    check_reals,
     check_same_device,
+    resolve_backend_for,
 )
 from ..reference.visual_prompt import ORDERS, RESIZE_MODES, SQUASHES, VPSpec
 
 OP = "visual_prompt"
-register_op(OP, ("reference", "triton", "cuda"))
+register_op(OP, ("reference", "triton", "cuda", "cpu"))
 
 _MODULES = {
     "reference": "reprokernels.reference.visual_prompt",
     "triton": "reprokernels.triton.visual_prompt",
     "cuda": "reprokernels.cuda.visual_prompt",
+    "cpu": "reprokernels.cpu.visual_prompt",
 }
 
 
@@ -100,8 +106,8 @@ class VisualPromptFunction(torch.autograd.Function):
 def _filled(vals: list[float], device: torch.device) -> torch.Tensor:
     """A float32 vector of host numbers on ``device`` made by fill kernels: no host-to-device copy, so no stream
     sync, and capturable in a CUDA graph even on first use (``torch.tensor(list, device=cuda)`` is neither)."""
-    if all(v == vals[0] for v in vals):
-        return torch.full((len(vals),), vals[0], dtype=torch.float32, device=device)
+    if not vals or all(v == vals[0] for v in vals):  # (no channel: an empty vector)
+        return torch.full((len(vals),), vals[0] if vals else 0.0, dtype=torch.float32, device=device)
     t = torch.empty(len(vals), dtype=torch.float32, device=device)
     for i, v in enumerate(vals):
         t[i].fill_(v)
@@ -122,8 +128,11 @@ def _channel_vector(value, name: str, C: int, x: torch.Tensor) -> torch.Tensor |
         if t.numel() != C:
             raise ValueError(f"{name}: expected {C} values (one per channel of x), got {t.numel()}")
         return t.contiguous()
+    scalar = _as_real(value)
+    items = [scalar] if scalar is not None else check_reals(
+        value, name, f"None, a number, a sequence of {C} numbers or a tensor of {C} values")
     # host numbers are checked on the host (as the float32 the kernels will divide by)
-    vals = [float(np.float32(float(v))) for v in ([value] if isinstance(value, (int, float)) else value)]
+    vals = [float(np.float32(v)) for v in items]
     if name == "std" and any(v == 0 for v in vals):
         raise ValueError(f"std: expected non-zero values, got {vals}")
     if len(vals) == 1 and C != 1:
@@ -225,7 +234,7 @@ def prepare(
     if clamp is not None:
         if order == "post_norm":
             raise ValueError("clamp: only allowed with order='pre_norm' (post_norm adds delta after normalising)")
-        lo, hi = (float(v) for v in clamp)
+        lo, hi = check_real_pair(clamp, "clamp")
         if not lo <= hi:
             raise ValueError(f"clamp: expected (lo, hi) with lo <= hi, got {tuple(clamp)}")
     else:
@@ -238,6 +247,7 @@ def prepare(
     else:
         mask_t = None
         rect = _mask_spec(mask, mask_width, patch, H, W, top, left, h2, w2)
+    fill = check_real(fill, "fill")
     mean_t = _channel_vector(mean, "mean", C, x)
     std_t = _channel_vector(std, "std", C, x)
     resize_used = "none" if resized is None or (h2, w2) == (h, w) else resize_mode
@@ -292,7 +302,7 @@ def visual_prompt(
         x, delta, size=size, resize=resize, resize_mode=resize_mode, align_corners=align_corners, offset=offset,
         mask=mask, mask_width=mask_width, patch=patch, squash=squash, order=order, clamp=clamp, mean=mean, std=std,
         fill=fill)
-    chosen = resolve_backend(OP, backend, x.device)
+    chosen = resolve_backend_for(OP, backend, x.device)
     if chosen != "reference":
         check_float(x, "x", KERNEL_DTYPES)
     ints, floats, modes = spec.to_schema()

@@ -22,8 +22,10 @@ def transform(logits: torch.Tensor, input: str) -> torch.Tensor:
     return logits
 
 
-def _compute_dtype(*ts: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in ts) else torch.float32
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float64 for float64 logits, else float32: the logits set it and a dense mapping of any float dtype is
+    rounded into it (the kernels compute in float32 whatever the mapping's dtype)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def out_dtype(logits: torch.Tensor, input: str) -> torch.dtype:
@@ -60,13 +62,13 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
 
 def label_map_values(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: str) -> torch.Tensor:
     """The output of ``label_map`` alone (plain differentiable PyTorch)."""
-    cdt = _compute_dtype(logits, mapping if mapping.is_floating_point() else None)
+    cdt = _compute_dtype(logits)
     f = transform(logits.to(cdt), input)
     if mapping.is_floating_point():
         out = f @ mapping.to(cdt)
     else:
         w = index_weights(mapping, reduce, cdt)
-        gathered = f[:, mapping.clamp(min=0)]  # (B, K_tgt, m); -1 entries get weight 0
+        gathered = f[:, mapping.long().clamp(min=0)]  # (B, K_tgt, m); -1 entries get weight 0
         out = torch.where(w > 0, gathered * w, 0).sum(dim=-1)  # (a -inf log-prob times 0 is not NaN)
     return out.to(out_dtype(logits, input))
 
@@ -79,7 +81,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     Written out so it runs inside the registered op. With c = d out / d f (c = grad @ W^T, or grad scattered
     through the index weights): logits: c; probs: p * (c - sum_k p_k c_k); log_probs: c - p * sum_k c_k.
     """
-    cdt = _compute_dtype(logits, mapping if mapping.is_floating_point() else None)
+    cdt = _compute_dtype(logits)
     x, g = logits.to(cdt), grad.to(cdt)
     dense = mapping.is_floating_point()
     dx = dw = None
@@ -90,7 +92,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
             w = index_weights(mapping, reduce, cdt)
             c = torch.zeros_like(x)
             contrib = (g.unsqueeze(-1) * w).reshape(x.shape[0], w.numel())  # (B, K_tgt * m)
-            c.index_add_(1, mapping.clamp(min=0).reshape(-1), contrib)
+            c.index_add_(1, mapping.long().clamp(min=0).reshape(-1), contrib)
         if input == "probs":
             p = torch.softmax(x, dim=-1)
             c = p * (c - (p * c).sum(dim=-1, keepdim=True))

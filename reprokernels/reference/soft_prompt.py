@@ -3,7 +3,8 @@
 Row b of the output is ``cat([tokens[b, :s], prompt[task_b], tokens[b, s:]])`` with ``s = insert_at[b]``
 (0 by default: the prompt first, as PEFT), where ``tokens = embedding(input_ids) * embed_scale`` or
 ``inputs_embeds * embed_scale``. The output has the token embeddings' dtype (the model's); the prompt is
-cast into it. This file is the specification every kernel is tested against.
+cast into it. Index tensors of any integer dtype are read as integers (never as a boolean mask). This file is
+the specification every kernel is tested against.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ def prompt_rows(prompt: torch.Tensor, task_ids: torch.Tensor | None, B: int) -> 
     """(B, P, D): each row's prompt, from a (P, D) prompt or a (T, P, D) table indexed by task_ids."""
     if prompt.dim() == 2:
         return prompt.unsqueeze(0).expand(B, -1, -1)
-    return prompt[task_ids]
+    # .long(): a uint8 index would be taken as a boolean mask, int16/int8 are refused by advanced indexing
+    return prompt[task_ids.long()]
 
 
 def _starts(insert_at: torch.Tensor | None, B: int) -> list[int]:
@@ -56,7 +58,9 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     B, PL, D = grad.shape
     P = PL - L
     starts = _starts(insert_at, B)
-    acc = torch.float64 if torch.float64 in (grad.dtype, prompt.dtype) else torch.float32
+    # the token dtype (grad's) sets the accumulation, as in the kernels: a float64 prompt on float32 tokens is
+    # summed in float32 and cast, like every other parameter
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     dprompt = dembeds = None
     if need_prompt:
         slices = torch.stack([grad[b, s:s + P] for b, s in enumerate(starts)]).to(acc) if B else (
@@ -65,7 +69,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
             dprompt = slices.sum(0)
         else:
             dprompt = torch.zeros(prompt.shape, dtype=acc, device=grad.device)
-            dprompt.index_add_(0, task_ids, slices)
+            dprompt.index_add_(0, task_ids.long(), slices)
         dprompt = dprompt.to(prompt.dtype)
     if need_embeds:
         dembeds = torch.stack([torch.cat([grad[b, :s], grad[b, s + P:]]) for b, s in enumerate(starts)]) if B else (

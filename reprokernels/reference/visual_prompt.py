@@ -7,6 +7,14 @@ out = norm(place(x)) + m * g(delta)            order="post_norm"
 squash (identity, sigmoid or tanh); ``m`` is the mask: the indicator of a rectangle (possibly inverted) or a
 real-valued tensor at canvas or patch resolution (upsampled by nearest repeat); ``norm`` is
 (v - mean_c) / std_c. This file is the specification every kernel is tested against.
+
+Where the mask is exactly 0, delta does not act: the prompt term is exactly 0 there and delta's gradient is 0,
+whatever delta holds (NaN and inf included: a canvas-sized delta's values under the image are never read). The
+mask's own gradient there is still ``grad * g(delta)``.
+
+Dtypes: the output has x's dtype; the arithmetic runs in float32, or float64 when x is float64. delta, a tensor
+mask, mean and std may have any float dtype: they are rounded to that compute dtype first (a float64 delta with
+a float32 x computes in float32), and their gradients come back in their own dtypes.
 """
 
 from __future__ import annotations
@@ -70,8 +78,17 @@ class VPSpec(NamedTuple):
                    bool(align), fill, lo, hi)
 
 
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 x, else float32: the image sets it, parameters are rounded into it (the kernels
+    compute in float32 whatever delta's dtype, so a float64 delta must not change the reference's arithmetic)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def acting(m: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """delta where the mask lets it act, and where it does not, delta if finite else 0: the prompt term m * g(.)
+    is then exactly 0 where m == 0 (never 0 * inf = NaN), its delta gradient 0 there, and autograd's mask
+    gradient there g(delta) as the kernels compute it (for a finite delta)."""
+    return torch.where((m != 0) | torch.isfinite(d), d, torch.zeros((), dtype=d.dtype, device=d.device))
 
 
 def squash_fn(delta: torch.Tensor, squash: str) -> torch.Tensor:
@@ -110,11 +127,11 @@ def visual_prompt(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | Non
 
     Returns (B, C, H, W) in x's dtype; computes in float32 (float64 if any input is float64). Differentiable.
     """
-    cdt = _compute_dtype(x, delta, mask)
+    cdt = _compute_dtype(x)
     xf, df = x.to(cdt), delta.to(cdt)
     canvas = place(xf, spec)
     m = fixed_mask(spec, x.device, cdt) if mask is None else expand_mask(mask.to(cdt), spec.H, spec.W)
-    prompt = m * squash_fn(df, spec.squash)
+    prompt = m * squash_fn(acting(m, df), spec.squash)
     C = x.shape[1]
     mean_ = mean.to(cdt).view(1, C, 1, 1) if mean is not None else None
     std_ = std.to(cdt).view(1, C, 1, 1) if std is not None else None
@@ -157,7 +174,7 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
     Written out rather than taken from autograd so it also runs where autograd is off (inside the registered
     op, under opcheck, compile and export); the tests check it against autograd of ``visual_prompt``.
     """
-    cdt = _compute_dtype(x, delta, mask)
+    cdt = _compute_dtype(x)
     B, C, h, w = x.shape
     go = grad.to(cdt)
     d = delta.to(cdt)
@@ -167,7 +184,7 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
     if spec.order == "pre_norm":
         gv = go * inv_std if inv_std is not None else go
         if spec.has_clamp:
-            v = place(x.to(cdt), spec) + m * g
+            v = place(x.to(cdt), spec) + torch.where(m != 0, m * g, 0)
             gv = gv * ((v >= spec.clamp_lo) & (v <= spec.clamp_hi))  # torch.clamp's pass-through rule
         gp = gt = gv
     else:
@@ -190,7 +207,7 @@ def visual_prompt_backward(grad: torch.Tensor, x: torch.Tensor, delta: torch.Ten
             dg = 1 - g * g
         else:
             dg = torch.ones_like(g)
-        dd = gt * m * dg
+        dd = torch.where(m != 0, gt * m * dg, 0)  # delta does not act (nor is read) where m == 0
         dd = (dd.sum(0) if delta.dim() == 3 else dd).to(delta.dtype)
     if need_mask and mask is not None:
         dm = _reduce_to(gt * g, mask.shape).to(mask.dtype)

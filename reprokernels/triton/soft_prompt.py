@@ -148,6 +148,10 @@ def grid_2d(rows: int, cols: int, what: str) -> tuple[int, int]:
     return grid_1d(rows, what)[0], max(cols, 1)
 
 
+def _dense_index(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _blocks(D: int) -> tuple[int, int]:
     return 8, min(1024, triton.next_power_of_2(max(D, 1)))
 
@@ -184,6 +188,9 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
     if out.numel() == 0:
         return out
     sp = (0, *prompt.stride()) if prompt.dim() == 2 else prompt.stride()
+    # the kernels read task_ids / insert_at at element b: an expanded (stride-0) or strided (B,) index would be
+    # read past its storage, so such an index is copied (B integers, no host sync)
+    task_ids, insert_at = _dense_index(task_ids), _dense_index(insert_at)
     if from_ids:
         st, si, V = (src.stride(0), 0, src.stride(1)), input_ids.stride(), src.shape[0]
     else:
@@ -210,6 +217,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     P = PL - L
     dev = grad.device
     block_r, block_d = _blocks(D)
+    task_ids, insert_at = _dense_index(task_ids), _dense_index(insert_at)
     ins = insert_at if insert_at is not None else grad
     dprompt = dembeds = None
     if need_prompt:

@@ -141,7 +141,8 @@ def _vp_fwd_kernel(
     if PRE_NORM:
         v = p + t
         if HAS_CLAMP:
-            v = tl.minimum(tl.maximum(v, lo), hi)
+            # torch.clamp propagates NaN (a NaN delta on the border stays NaN); tl's default min/max drop it
+            v = tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
     else:
         v = p
     if HAS_MEAN:
@@ -228,7 +229,7 @@ def _vp_bwd_kernel(
                     if HAS_CLAMP:
                         p = _sample(x_ptr + b2 * sxb + c64 * sxc, iy, ix, inside, h, w, sxh, sxw, scale_h, scale_w,
                                     RESIZE, ALIGN, IDX64)
-                        v = tl.where(inside, p, fill) + m * g
+                        v = tl.where(inside, p, fill) + tl.where(m != 0.0, m * g, 0.0)  # delta unread at m == 0
                         gv = tl.where((v >= lo) & (v <= hi), gv, 0.0)  # torch.clamp's pass-through rule
                     gp = gv
                     gt = gv
@@ -238,8 +239,9 @@ def _vp_bwd_kernel(
                         gp = gp * inv_std
                     gt = go
                 if NEED_D:
-                    _store_rows(dd_ptr + c64 * H * W, C * H * W, bs, y * W + xx, gt * m * _squash_grad(g, SQUASH),
-                                valid2, cvalid, D_SHARED, pid_b)
+                    # delta does not act where m == 0: its gradient is 0 there even where delta is NaN / inf
+                    dd_v = tl.where(m != 0.0, gt * m * _squash_grad(g, SQUASH), 0.0)
+                    _store_rows(dd_ptr + c64 * H * W, C * H * W, bs, y * W + xx, dd_v, valid2, cvalid, D_SHARED, pid_b)
                 if NEED_M:
                     dm_c += gt * g
                 if NEED_X:
