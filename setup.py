@@ -1,4 +1,11 @@
-"""Build script for the optional CUDA extension ``reprokernels._C``.
+"""Build script of the CPU extension ``reprokernels._C_cpu`` (always) and the optional CUDA extension
+``reprokernels._C``.
+
+``reprokernels._C_cpu``: C++ + OpenMP kernels on raw pointers (csrc/cpu/), a pybind11 module without torch
+headers, built with the host compiler on every install in seconds (portable flags: -O3 -fopenmp, no
+-march=native). Its failure never fails the install: one line is printed, the reason is recorded in
+reprokernels/_build_info.json and ``reprokernels info`` reports it (the cpu backend is then unavailable).
+Without OpenMP it is built single-threaded. ``REPROKERNELS_BUILD_CPU=0`` skips it.
 
 The extension is raw-pointer CUDA kernels plus a pybind11 module: no torch headers, static cudart, so it
 builds against any torch (CPU wheels included) and has no torch ABI to mismatch. This file never imports
@@ -11,7 +18,9 @@ Switches (environment variables):
   REPROKERNELS_BUILD_CUDA=0        skip it (pure Python + Triton install)
   (unset)                          build it when nvcc is found and this machine has an NVIDIA GPU
   REPROKERNELS_CUDA_ARCHS="80;90"  SASS targets; PTX of the newest is embedded too (default "80;90")
-  REPROKERNELS_STRICT_BUILD=1      warnings are errors and any register spill reported by ptxas fails the build
+  REPROKERNELS_STRICT_BUILD=1      warnings are errors and any register spill reported by ptxas fails the build;
+                                   the CPU module is built with -Wall -Wextra -Werror and its failure fails the build
+  REPROKERNELS_BUILD_CPU=0         skip the CPU module (default: build it)
   CUDA_HOME / CUDA_PATH            the toolkit (default: the directory above the nvcc on PATH)
 """
 
@@ -30,6 +39,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+CPU_SRC = CSRC / "cpu"
 BUILD_INFO = ROOT / "reprokernels" / "_build_info.json"
 DEFAULT_ARCHS = "80;90"
 
@@ -120,14 +130,51 @@ def _cuda_home(nvcc: str) -> Path:
     sys.exit(f"reprokernels: cannot find the CUDA toolkit next to {nvcc} (set CUDA_HOME)")
 
 
+def _record_cpu(built: bool, reason: str) -> None:
+    try:
+        info = json.loads(BUILD_INFO.read_text())
+    except (OSError, ValueError):
+        info = {}
+    info.update(cpu_build=built, cpu_reason=reason)
+    BUILD_INFO.write_text(json.dumps(info, indent=1) + "\n")
+
+
 class NvccBuildExt(build_ext):
-    """Compiles csrc/*.cu with nvcc, then links them into the pybind11 module with the host compiler."""
+    """Builds reprokernels._C_cpu with the host compiler (never failing the install unless strict), and
+    reprokernels._C by compiling csrc/*.cu with nvcc, then linking with the host compiler."""
 
     nvcc: str = ""
     archs: tuple[str, ...] = ()
     strict: bool = False
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == "reprokernels._C_cpu":
+            self._build_cpu(ext)
+            return
+        self._build_cuda(ext)
+
+    def _build_cpu(self, ext: Extension) -> None:
+        base_args, base_link = list(ext.extra_compile_args), list(ext.extra_link_args)
+        errors = []
+        for openmp in (True, False):
+            ext.extra_compile_args = base_args + (["-fopenmp"] if openmp else [])
+            ext.extra_link_args = base_link + (["-fopenmp"] if openmp else [])
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # any compiler/linker failure: try without OpenMP, then give up
+                errors.append(f"{type(exc).__name__}: {exc}")
+                if self.strict:
+                    raise
+                continue
+            how = "with OpenMP" if openmp else "WITHOUT OpenMP (single-threaded; the compiler lacks -fopenmp)"
+            _record_cpu(True, f"built {how} by the host compiler at install time")
+            return
+        reason = ("build failed at install time (" + errors[-1].splitlines()[0][:200]
+                  + "); reinstall with pip install -v to see the compiler output")
+        _record_cpu(False, reason)
+        print(f"reprokernels: the CPU module reprokernels._C_cpu was not built: {reason}", file=sys.stderr)
+
+    def _build_cuda(self, ext: Extension) -> None:
         cuda_home = _cuda_home(self.nvcc)
         objdir = Path(self.build_temp) / "cuda"
         objdir.mkdir(parents=True, exist_ok=True)
@@ -161,11 +208,41 @@ class NvccBuildExt(build_ext):
         super().build_extension(ext)
 
 
+def _cpu_extension(strict: bool) -> tuple[Extension | None, str]:
+    """The CPU module's Extension, or None and why it is skipped."""
+    if os.environ.get("REPROKERNELS_BUILD_CPU", "").strip() == "0":
+        return None, "skipped: REPROKERNELS_BUILD_CPU=0"
+    try:
+        import pybind11
+    except ImportError:
+        return None, ("skipped: pybind11 is missing at install time (with --no-build-isolation, "
+                      "pip install \"pybind11>=2.10\" first)")
+    flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    if strict:
+        flags += ["-Wall", "-Wextra", "-Werror"]
+    ext = Extension(
+        "reprokernels._C_cpu",
+        sources=[str(p.relative_to(ROOT)) for p in sorted(CPU_SRC.glob("*.cpp"))],
+        include_dirs=[pybind11.get_include(), str(CPU_SRC)],
+        extra_compile_args=flags,
+        language="c++",
+    )
+    return ext, ""
+
+
 def main() -> None:
     build, reason, nvcc = _decide()
+    strict = os.environ.get("REPROKERNELS_STRICT_BUILD", "") == "1"
     info = {"cuda_build": build, "reason": reason, "archs": [], "nvcc": None}
     ext_modules: list[Extension] = []
-    cmdclass = {}
+    cmdclass = {"build_ext": NvccBuildExt}
+    NvccBuildExt.strict = strict
+    cpu_ext, cpu_reason = _cpu_extension(strict)
+    info.update(cpu_build=False, cpu_reason=cpu_reason or "not built yet (the install stopped before it)")
+    if cpu_ext is not None:
+        ext_modules.append(cpu_ext)
+    else:
+        print(f"reprokernels: CPU module {cpu_reason}", file=sys.stderr)
     if build:
         try:  # a build requirement; with --no-build-isolation it must already be in the environment
             import pybind11
@@ -174,7 +251,6 @@ def main() -> None:
                      "(with --no-build-isolation, pip install \"pybind11>=2.10\" first)")
 
         archs = _archs()
-        strict = os.environ.get("REPROKERNELS_STRICT_BUILD", "") == "1"
         info.update(archs=archs, nvcc=_nvcc_version(nvcc), strict=strict)
         NvccBuildExt.nvcc, NvccBuildExt.archs, NvccBuildExt.strict = nvcc, tuple(archs), strict
         cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
@@ -191,7 +267,6 @@ def main() -> None:
                 language="c++",
             )
         )
-        cmdclass["build_ext"] = NvccBuildExt
         # stderr: the one line pip shows with -v, and what a plain setup.py run prints
         print(f"reprokernels: building the CUDA extension for sm_{', sm_'.join(archs)} (+PTX) with nvcc "
               f"{info['nvcc']} ({reason}); about 80 s", file=sys.stderr)

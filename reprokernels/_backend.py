@@ -1,14 +1,19 @@
-"""Backend choice: ``"auto" | "reference" | "triton" | "cuda" | "composite"``.
+"""Backend choice: ``"auto" | "reference" | "triton" | "cuda" | "composite" | "cpu"``.
 
 Precedence: an op's explicit ``backend=`` argument; else the innermost ``use_backend(...)`` block; else the
 ``REPROKERNELS_BACKEND`` environment variable (read at import); else ``"auto"``. ``auto`` picks, on CUDA
 tensors, ``cuda`` where the extension is built and the op has a CUDA kernel, else ``triton``; on CPU
-tensors ``composite`` where the op has one (attention), else ``reference``. An explicitly requested
-backend that cannot run raises :class:`BackendUnavailableError`; nothing silently falls back.
+tensors ``cpu`` where the CPU module is built, the op has a cpu kernel and the call's *case* (dtypes and
+options, passed by the op as ``case=``) is one the kernel implements and was measured faster than the
+reference on (the launcher's ``supports(case)``); otherwise ``composite`` where the op has one (attention),
+else ``reference``. An op that passes no case keeps the latter choice: auto never routes a call to a kernel
+that has not declared it can serve it. An explicitly requested backend that cannot run raises
+:class:`BackendUnavailableError`; nothing silently falls back.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -16,10 +21,18 @@ from contextlib import contextmanager
 
 import torch
 
-from . import _cuda
+from . import _cpu, _cuda
 
-BACKENDS = ("auto", "reference", "triton", "cuda", "composite")
+BACKENDS = ("auto", "reference", "triton", "cuda", "composite", "cpu")
 _OPS: dict[str, tuple[str, ...]] = {}
+# The launcher module of each op's cpu backend: its ``supports(case) -> str`` ("" = served and faster) is what
+# auto consults. Module names, imported on demand (the launchers sit above this module).
+CPU_LAUNCHERS = {
+    "label_map": "reprokernels.cpu.label_map",
+    "soft_prompt_concat": "reprokernels.cpu.soft_prompt",
+    "visual_prompt": "reprokernels.cpu.visual_prompt",
+    "label_histogram": "reprokernels.cpu.label_histogram",
+}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -84,6 +97,12 @@ def backend_status(backend: str, device_type: str) -> tuple[bool, str]:
         if device_type == "cuda" or interpreter_enabled():
             return True, ""
         return False, f"Triton kernels need CUDA tensors (got {device_type}) or TRITON_INTERPRET=1 to run on the CPU"
+    if backend == "cpu":
+        if device_type != "cpu":
+            return False, f"the cpu backend needs CPU tensors, got {device_type} tensors"
+        if not _cpu.available():
+            return False, _cpu.unavailable_reason()
+        return True, ""
     if backend == "cuda":
         if device_type != "cuda":
             return False, f"the cuda backend needs CUDA tensors, got {device_type} tensors"
@@ -93,7 +112,17 @@ def backend_status(backend: str, device_type: str) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
-def _resolve(op: str, requested: str, default: str, device_type: str) -> str:
+def cpu_supports(op: str, case: tuple | None) -> str:
+    """Why auto does not pick the cpu backend for ``op`` on this case ("" when it does)."""
+    if case is None:
+        return "the op passed no case, so it cannot be checked against what the cpu kernels implement"
+    mod = CPU_LAUNCHERS.get(op)
+    if mod is None:
+        return f"{op} has no cpu launcher"
+    return importlib.import_module(mod).supports(tuple(case))
+
+
+def _resolve(op: str, requested: str, default: str, device_type: str, case: tuple | None = None) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(BACKENDS)}, got {requested!r}")
     implemented = _OPS[op]
@@ -104,6 +133,8 @@ def _resolve(op: str, requested: str, default: str, device_type: str) -> str:
                 if name in implemented and backend_status(name, device_type)[0]:
                     return name
             return "reference"
+        if "cpu" in implemented and backend_status("cpu", device_type)[0] and not cpu_supports(op, case):
+            return "cpu"
         return "composite" if "composite" in implemented else "reference"
     if chosen not in implemented:
         raise BackendUnavailableError(
@@ -120,6 +151,10 @@ def _resolve(op: str, requested: str, default: str, device_type: str) -> str:
 _resolve._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """The concrete backend for ``op`` on ``device`` (see the module docstring for the rules)."""
-    return _resolve(op, backend, _default, device.type)
+def resolve_backend(op: str, backend: str, device: torch.device, case: tuple | None = None) -> str:
+    """The concrete backend for ``op`` on ``device`` (see the module docstring for the rules).
+
+    ``case``: a tuple of hashable constants describing the call (``"key=value"`` strings: dtypes, options; no
+    sizes, so a compiled graph does not re-guard on shapes), which the cpu launcher's ``supports`` reads.
+    """
+    return _resolve(op, backend, _default, device.type, None if case is None else tuple(case))

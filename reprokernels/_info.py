@@ -10,7 +10,7 @@ from typing import TextIO
 
 import torch
 
-from . import _backend, _cuda
+from . import _backend, _cpu, _cuda
 
 
 def _version(dist: str) -> str:
@@ -43,12 +43,15 @@ def info_dict() -> dict:
     devices, no_gpu = _devices()
     backends = {}
     dev = "cuda" if devices else "cpu"
-    for name in ("reference", "composite", "triton", "cuda"):
-        ok, why = _backend.backend_status(name, dev)
+    for name in ("reference", "composite", "cpu", "triton", "cuda"):
+        ok, why = _backend.backend_status(name, "cpu" if name == "cpu" else dev)
         if name == "triton" and not devices and ok:
             why = "runs here only through the Triton interpreter (TRITON_INTERPRET=1): for testing, not speed"
         elif name == "triton" and not devices:
             why = f"{no_gpu}; Triton kernels need CUDA tensors (TRITON_INTERPRET=1 runs them slowly on the CPU)"
+        elif name == "cpu" and ok:
+            why = ("auto picks it for a call whose op passes its case (dtypes, options) to the backend choice and "
+                   "the kernels serve it; docs/cpu-backend.md")
         elif name == "cuda" and not devices:
             ok, why = False, f"{no_gpu}; the CUDA kernels need one"
         elif name == "cuda" and not _cuda.cuda_available():
@@ -66,6 +69,8 @@ def info_dict() -> dict:
         "cuda_extension": _cuda.build_info() or None,
         "cuda_extension_loaded": _cuda.extension_built(),
         "cuda_runtime_of_C": _cuda.runtime_version(),
+        "cpu_module": _cpu.describe(),
+        "cpu_module_loaded": _cpu.available(),
         "devices": devices,
         "no_gpu_reason": no_gpu,
         "default_backend": _backend.default_backend(),
@@ -79,7 +84,7 @@ def info(file: TextIO | None = None) -> None:
     d = info_dict()
     out = file or sys.stdout
     ext = d["cuda_extension"] or {}
-    no_gpu = d["no_gpu_reason"] + " (the CPU runs the reference and composite backends)"
+    no_gpu = d["no_gpu_reason"] + " (the CPU runs the cpu, reference and composite backends)"
     lines = [
         f"reprokernels {d['reprokernels']}  (python {d['python']})",
         f"torch        {d['torch']}  (CUDA {d['torch_cuda'] or 'none'})",
@@ -87,6 +92,7 @@ def info(file: TextIO | None = None) -> None:
         f"_C           {'loaded' if d['cuda_extension_loaded'] else 'not loaded'}; "
         f"{ext.get('reason', 'no build record')}; archs {ext.get('archs') or '-'}; "
         f"CUDA runtime {d['cuda_runtime_of_C'] or '-'}",
+        f"_C_cpu       {d['cpu_module']}",
         f"devices      {', '.join(d['devices']) or no_gpu}",
         f"default      backend={d['default_backend']!r}",
         "backends:",

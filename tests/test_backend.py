@@ -102,7 +102,7 @@ def test_environment_variable_sets_the_default():
 def test_bad_environment_variable_is_a_clear_error():
     proc = _python("import reprokernels", REPROKERNELS_BACKEND="fastest")
     assert proc.returncode != 0
-    want = "REPROKERNELS_BACKEND: expected one of auto, reference, triton, cuda, composite, got 'fastest'"
+    want = "REPROKERNELS_BACKEND: expected one of auto, reference, triton, cuda, composite, cpu, got 'fastest'"
     assert want in proc.stderr
 
 

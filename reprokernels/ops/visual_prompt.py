@@ -35,6 +35,7 @@ _MODULES = {
     "triton": "reprokernels.triton.visual_prompt",
     "cuda": "reprokernels.cuda.visual_prompt",
     "cpu": "reprokernels.cpu.visual_prompt",
+    "cpu": "reprokernels.cpu.visual_prompt",
 }
 
 

@@ -1,0 +1,83 @@
+// Parameter blocks and entry points of the CPU kernels (reprokernels._cpu). Plain C++: Python fills a params
+// struct field by field (pybind11 def_readwrite) from tensors it validated (reprokernels/cpu/*.py). Pointers are
+// integers, sizes and strides int64 in elements, dtype codes as in common.h. Every entry returns 0 on success or
+// 1 for parameters it cannot serve (an unknown code, a missing pointer), so nothing is run on bad input.
+//
+// Determinism: every output element is produced by one thread, and every reduction (over a row, over the batch)
+// runs in a fixed order that does not depend on the thread count: the same bits for any `threads`.
+#pragma once
+#include <cstdint>
+
+namespace rkcpu {
+
+struct LabelMapParams {
+  std::uintptr_t x = 0, mapping = 0, w = 0, out = 0, lse = 0, grad = 0, dx = 0, dw = 0;
+  std::int64_t B = 0, K = 0, T = 0, M = 0;
+  std::int64_t x_sb = 0, x_sk = 0, map_st = 0, map_sm = 0, w_sk = 0, w_st = 0, grad_sb = 0, grad_st = 0;
+  std::int32_t x_dtype = 0, out_dtype = 0, grad_dtype = 0, dw_dtype = 0, map_dtype = 0;
+  std::int32_t input = 0;   // 0 logits, 1 probs, 2 log_probs
+  std::int32_t reduce = 0;  // 0 mean, 1 sum
+  std::int32_t threads = 1;
+};
+// Index mapping (T, M): out (B, T) contiguous (x dtype for logits, else float32), lse (B, 2) float32.
+int label_map_fwd(const LabelMapParams& p);
+// Index mapping backward: dx (B, K) contiguous in x dtype; out is the saved float32 output (probs).
+int label_map_bwd(const LabelMapParams& p);
+// Dense mapping (K, T), w float32: out (B, T) in out_dtype; lse as above.
+int label_map_dense_fwd(const LabelMapParams& p);
+// Dense backward: dx (B, K) in x dtype and/or dw (K, T) in dw_dtype (non-zero pointers), lse read.
+int label_map_dense_bwd(const LabelMapParams& p);
+
+struct SoftPromptParams {
+  std::uintptr_t prompt = 0, ids = 0, tokens = 0, task = 0, insert = 0, out = 0, grad = 0, dprompt = 0,
+                 dembeds = 0;
+  std::int64_t B = 0, L = 0, P = 0, D = 0, T = 1, V = 0;
+  std::int64_t prompt_st = 0, prompt_sp = 0, prompt_sd = 0;
+  std::int64_t ids_sb = 0, ids_sl = 0;
+  std::int64_t tok_sv = 0, tok_sb = 0, tok_sl = 0, tok_sd = 0;  // table (V, D) or inputs_embeds (B, L, D)
+  std::int64_t task_s = 0, insert_s = 0;
+  std::int64_t grad_sb = 0, grad_sj = 0, grad_sd = 0;
+  std::int32_t prompt_dtype = 0, tok_dtype = 0, grad_dtype = 0, ids_dtype = 0, task_dtype = 0, insert_dtype = 0;
+  std::int32_t from_ids = 0;
+  float embed_scale = 1.0f;
+  std::int32_t threads = 1;
+};
+// out (B, P + L, D) contiguous in tok_dtype.
+int soft_prompt_fwd(const SoftPromptParams& p);
+// dprompt (T, P, D) contiguous in prompt_dtype (summed over the batch in sample order, float32), dembeds
+// (B, L, D) contiguous in grad_dtype.
+int soft_prompt_bwd(const SoftPromptParams& p);
+
+struct VisualPromptParams {
+  std::uintptr_t x = 0, delta = 0, mask = 0, mean = 0, stdev = 0, out = 0, grad = 0, dx = 0, ddelta = 0,
+                 dmask = 0;
+  std::int64_t B = 0, C = 0, h = 0, w = 0, H = 0, W = 0, top = 0, left = 0;
+  std::int64_t rect_top = 0, rect_left = 0, rect_h = 0, rect_w = 0;
+  std::int64_t Bm = 1, Cm = 1, Hm = 1, Wm = 1;
+  std::int64_t x_sb = 0, x_sc = 0, x_sh = 0, x_sw = 0;
+  std::int64_t delta_sb = 0, delta_sc = 0, delta_sh = 0, delta_sw = 0;
+  std::int64_t mask_sb = 0, mask_sc = 0, mask_sh = 0, mask_sw = 0;
+  std::int64_t grad_sb = 0, grad_sc = 0, grad_sh = 0, grad_sw = 0;
+  std::int32_t x_dtype = 0, delta_dtype = 0;
+  std::int32_t invert = 0, squash = 0, order = 0, has_clamp = 0, delta_per_sample = 0;
+  float fill = 0.0f, clamp_lo = 0.0f, clamp_hi = 0.0f;
+  std::int32_t threads = 1;
+};
+// out (B, C, H, W) contiguous in x dtype; mask float32, mean/std float32 (C,).
+int visual_prompt_fwd(const VisualPromptParams& p);
+// dx (B, C, h, w) contiguous in x dtype; ddelta delta's shape contiguous in delta_dtype; dmask (Bm, Cm, Hm, Wm)
+// contiguous float32. Non-zero pointers are written.
+int visual_prompt_bwd(const VisualPromptParams& p);
+
+struct LabelHistogramParams {
+  std::uintptr_t x = 0, targets = 0, out = 0;
+  std::int64_t B = 0, K = 0, T = 0, topk = 0;
+  std::int64_t x_sb = 0, x_sk = 0, t_s = 0, out_sk = 0, out_st = 0;
+  std::int32_t x_dtype = 0, preds = 0, pred_dtype = 0, target_dtype = 0;
+  std::int32_t weight = 0;  // 0 count, 1 prob
+  std::int32_t threads = 1;
+};
+// out (K, T) float32, any strides, accumulated in place.
+int label_histogram_accumulate(const LabelHistogramParams& p);
+
+}  // namespace rkcpu

@@ -1,0 +1,125 @@
+// label_histogram on the CPU. count: the argmax of each row (torch.argmax's rule: first maximum, first NaN
+// wins) by one thread per row, then the counts added in sample order (integers: exact). prob: each row's softmax
+// statistics and its top-k cut (the k-th largest value and how many ties at it are kept, lowest source first),
+// then one thread per block of sources adds the kept probabilities in sample order into float64 sums, stored as
+// float32 into the running statistic. Spec: reprokernels/reference/label_histogram.py.
+#include <algorithm>
+#include <functional>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace rkcpu {
+namespace {
+
+template <int DT>
+void run(const LabelHistogramParams& p) {
+  const void* x = reinterpret_cast<const void*>(p.x);
+  const void* tg = reinterpret_cast<const void*>(p.targets);
+  float* out = reinterpret_cast<float*>(p.out);
+  const std::int64_t B = p.B, K = p.K, T = p.T;
+  const int nt = threads_of(p.threads);
+  std::vector<std::int64_t> y(B);
+  for (std::int64_t b = 0; b < B; ++b) y[b] = load_index(p.target_dtype, tg, b * p.t_s);
+  auto in_range = [&](std::int64_t s, std::int64_t t) { return s >= 0 && s < K && t >= 0 && t < T; };
+  if (p.weight == 0) {
+    std::vector<std::int64_t> pred(B);
+    if (p.preds) {
+      for (std::int64_t b = 0; b < B; ++b) pred[b] = load_index(p.pred_dtype, x, b * p.x_sb);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+      for (std::int64_t b = 0; b < B; ++b) {
+        std::int64_t best = 0;
+        float bv = load<DT>(x, b * p.x_sb);
+        for (std::int64_t k = 1; k < K && bv == bv; ++k) {
+          const float v = load<DT>(x, b * p.x_sb + k * p.x_sk);
+          if (v > bv || v != v) {
+            bv = v;
+            best = k;
+          }
+        }
+        pred[b] = best;
+      }
+    }
+    for (std::int64_t b = 0; b < B; ++b)
+      if (in_range(pred[b], y[b])) out[pred[b] * p.out_sk + y[b] * p.out_st] += 1.0f;
+    return;
+  }
+  // prob: per row max, sum, and the top-k cut
+  std::vector<float> mx(B), thr(B);
+  std::vector<double> inv(B);
+  std::vector<std::int64_t> last(B);  // the highest source index kept among the ties at thr
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> row(K);
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < B; ++b) {
+      float m = -INFINITY;
+      for (std::int64_t k = 0; k < K; ++k) {
+        row[k] = load<DT>(x, b * p.x_sb + k * p.x_sk);
+        m = row[k] > m ? row[k] : m;
+      }
+      double s = 0.0;
+      for (std::int64_t k = 0; k < K; ++k) s += std::exp(static_cast<double>(row[k]) - m);
+      mx[b] = m;
+      inv[b] = 1.0 / s;
+      if (p.topk > 0) {
+        std::vector<float> tmp(row);
+        std::nth_element(tmp.begin(), tmp.begin() + (p.topk - 1), tmp.end(), std::greater<float>());
+        const float kth = tmp[p.topk - 1];
+        std::int64_t above = 0;
+        for (std::int64_t k = 0; k < K; ++k) above += row[k] > kth;
+        std::int64_t quota = p.topk - above, lk = -1;
+        for (std::int64_t k = 0; k < K && quota > 0; ++k)
+          if (row[k] == kth) {
+            lk = k;
+            --quota;
+          }
+        thr[b] = kth;
+        last[b] = lk;
+      }
+    }
+  }
+  constexpr std::int64_t KB = 64;
+  const std::int64_t nblk = (K + KB - 1) / KB;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<double> acc(KB * T);
+#pragma omp for schedule(static)
+    for (std::int64_t blk = 0; blk < nblk; ++blk) {
+      const std::int64_t k0 = blk * KB, k1 = std::min(K, k0 + KB);
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (std::int64_t b = 0; b < B; ++b) {
+        const std::int64_t t = y[b];
+        if (t < 0 || t >= T) continue;
+        for (std::int64_t k = k0; k < k1; ++k) {
+          const float v = load<DT>(x, b * p.x_sb + k * p.x_sk);
+          if (p.topk > 0 && !(v > thr[b] || (v == thr[b] && k <= last[b]))) continue;
+          acc[(k - k0) * T + t] += std::exp(static_cast<double>(v) - mx[b]) * inv[b];
+        }
+      }
+      for (std::int64_t k = k0; k < k1; ++k)
+        for (std::int64_t t = 0; t < T; ++t) {
+          const double a = acc[(k - k0) * T + t];
+          if (a != 0.0) out[k * p.out_sk + t * p.out_st] += static_cast<float>(a);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+int label_histogram_accumulate(const LabelHistogramParams& p) {
+  if (p.x_dtype < 0 || p.x_dtype > 2 || p.weight < 0 || p.weight > 1 || p.B < 0 || p.K < 1 || p.T < 1 ||
+      !p.out || (p.B && (!p.x || !p.targets)) || p.topk < 0 || p.topk > p.K)
+    return 1;
+  switch (p.x_dtype) {
+    case F32: run<F32>(p); break;
+    case F16: run<F16>(p); break;
+    default: run<BF16>(p); break;
+  }
+  return 0;
+}
+
+}  // namespace rkcpu

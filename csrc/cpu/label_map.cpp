@@ -1,0 +1,302 @@
+// label_map on the CPU: one thread per row (rows split statically across threads), each row read once for its
+// softmax statistics (max, then sum of exp in a second sweep while the row is still in cache) and only the
+// mapped columns read again. The softmax is never materialised. Spec: reprokernels/reference/label_map.py.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace rkcpu {
+namespace {
+
+// Row statistics (max, log sum exp(x - max)) of one row, float32. Two sweeps over a row that stays in cache.
+template <int DT>
+void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out, float* ls_out) {
+  float m = -INFINITY;
+  bool nan = false;
+  if (sk == 1) {
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  }
+  if (nan) m = NAN;  // torch's max propagates NaN
+  const float shift = (m == -INFINITY) ? 0.0f : m;
+  float s = 0.0f;
+  if (sk == 1) {
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k) - shift);
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k * sk) - shift);
+  }
+  *m_out = m;
+  *ls_out = std::log(s);
+}
+
+std::int64_t map_at(const LabelMapParams& p, std::int64_t t, std::int64_t j) {
+  const void* mp = reinterpret_cast<const void*>(p.mapping);
+  return p.map_dtype == 0 ? static_cast<const std::int64_t*>(mp)[t * p.map_st + j * p.map_sm]
+                          : static_cast<const std::int32_t*>(mp)[t * p.map_st + j * p.map_sm];
+}
+
+// Per target: the weight of each real entry (1 for sum, 1/count for mean, as the reference's index_weights).
+std::vector<float> target_weights(const LabelMapParams& p) {
+  std::vector<float> w(p.T, 0.0f);
+  for (std::int64_t t = 0; t < p.T; ++t) {
+    std::int64_t n = 0;
+    for (std::int64_t j = 0; j < p.M; ++j) n += map_at(p, t, j) >= 0;
+    w[t] = p.reduce == 1 ? 1.0f : (n > 0 ? 1.0f / static_cast<float>(n) : 0.0f);
+  }
+  return w;
+}
+
+inline float transform(int input, float v, float m, float ls) {
+  if (input == 1) return fast_exp(v - m - ls);
+  if (input == 2) return (v - m) - ls;
+  return v;
+}
+
+template <int DT>
+void index_fwd(const LabelMapParams& p) {
+  const void* x = reinterpret_cast<const void*>(p.x);
+  float* lse = reinterpret_cast<float*>(p.lse);
+  void* out = reinterpret_cast<void*>(p.out);
+  const std::vector<float> w = target_weights(p);
+  const int odt = p.input == 0 ? DT : F32;
+#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
+  for (std::int64_t b = 0; b < p.B; ++b) {
+    const std::int64_t base = b * p.x_sb;
+    float m = 0.0f, ls = 0.0f;
+    if (p.input != 0) {
+      row_stats<DT>(x, base, p.x_sk, p.K, &m, &ls);
+      lse[2 * b] = m;
+      lse[2 * b + 1] = ls;
+    }
+    for (std::int64_t t = 0; t < p.T; ++t) {
+      float acc = 0.0f;
+      for (std::int64_t j = 0; j < p.M; ++j) {
+        const std::int64_t k = map_at(p, t, j);
+        if (k < 0 || k >= p.K) continue;  // -1: no source; out of range: never read
+        acc += transform(p.input, load<DT>(x, base + k * p.x_sk), m, ls) * w[t];
+      }
+      store_any(odt, out, b * p.T + t, acc);
+    }
+  }
+}
+
+struct Entry {
+  std::int64_t col, tgt;
+  float w;
+};
+
+template <int DT>
+void index_bwd(const LabelMapParams& p) {
+  const void* x = reinterpret_cast<const void*>(p.x);
+  const float* lse = reinterpret_cast<const float*>(p.lse);
+  const float* saved = reinterpret_cast<const float*>(p.out);
+  const void* g = reinterpret_cast<const void*>(p.grad);
+  void* dx = reinterpret_cast<void*>(p.dx);
+  const std::vector<float> w = target_weights(p);
+  // The inverse table, sorted by source column; stable, so a column's contributions are added in (t, j) order:
+  // the reference's index_add_ order.
+  std::vector<Entry> entries;
+  std::vector<float> tw(p.T, 0.0f);
+  for (std::int64_t t = 0; t < p.T; ++t)
+    for (std::int64_t j = 0; j < p.M; ++j) {
+      const std::int64_t k = map_at(p, t, j);
+      if (k >= 0 && k < p.K) {
+        entries.push_back({k, t, w[t]});
+        tw[t] += w[t];
+      }
+    }
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
+  const std::int64_t K = p.K;
+#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
+  for (std::int64_t b = 0; b < p.B; ++b) {
+    const std::int64_t base = b * p.x_sb, obase = b * K;
+    auto gt = [&](std::int64_t t) { return load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st); };
+    float m = 0.0f, ls = 0.0f, S = 0.0f;
+    if (p.input != 0) {
+      m = lse[2 * b];
+      ls = lse[2 * b + 1];
+      for (std::int64_t t = 0; t < p.T; ++t) S += gt(t) * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
+    }
+    if (p.input == 0) {
+#pragma omp simd
+      for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, 0.0f);
+    } else if (p.x_sk == 1) {
+#pragma omp simd
+      for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k) - m - ls) * S));
+    } else {
+      for (std::int64_t k = 0; k < K; ++k)
+        store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k * p.x_sk) - m - ls) * S));
+    }
+    for (std::size_t e = 0; e < entries.size();) {
+      const std::int64_t k = entries[e].col;
+      float c = 0.0f;
+      for (; e < entries.size() && entries[e].col == k; ++e) c += gt(entries[e].tgt) * entries[e].w;
+      float v = c;
+      if (p.input != 0) {
+        const float pk = fast_exp(load<DT>(x, base + k * p.x_sk) - m - ls);
+        v = p.input == 1 ? pk * (c - S) : c - pk * S;
+      }
+      store<DT>(dx, obase + k, v);
+    }
+  }
+}
+
+template <int DT>
+void dense_fwd(const LabelMapParams& p) {
+  const void* x = reinterpret_cast<const void*>(p.x);
+  const float* W = reinterpret_cast<const float*>(p.w);  // (K, T) float32 contiguous
+  float* lse = reinterpret_cast<float*>(p.lse);
+  void* out = reinterpret_cast<void*>(p.out);
+  const std::int64_t T = p.T;
+#pragma omp parallel num_threads(threads_of(p.threads))
+  {
+    std::vector<float> acc(T);
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < p.B; ++b) {
+      const std::int64_t base = b * p.x_sb;
+      float m = 0.0f, ls = 0.0f;
+      if (p.input != 0) {
+        row_stats<DT>(x, base, p.x_sk, p.K, &m, &ls);
+        lse[2 * b] = m;
+        lse[2 * b + 1] = ls;
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float* a = acc.data();
+      for (std::int64_t k = 0; k < p.K; ++k) {
+        const float f = transform(p.input, load<DT>(x, base + k * p.x_sk), m, ls);
+        const float* wr = W + k * T;
+#pragma omp simd
+        for (std::int64_t t = 0; t < T; ++t) a[t] += f * wr[t];
+      }
+      for (std::int64_t t = 0; t < T; ++t) store_any(p.out_dtype, out, b * T + t, a[t]);
+    }
+  }
+}
+
+template <int DT>
+void dense_bwd(const LabelMapParams& p) {
+  const void* x = reinterpret_cast<const void*>(p.x);
+  const float* W = reinterpret_cast<const float*>(p.w);
+  const float* lse = reinterpret_cast<const float*>(p.lse);
+  const float* saved = reinterpret_cast<const float*>(p.out);
+  const void* g = reinterpret_cast<const void*>(p.grad);
+  const std::int64_t B = p.B, K = p.K, T = p.T;
+  const int nt = threads_of(p.threads);
+  // grad as float32 (B, T) once: it is read K times
+  std::vector<float> gf(B * T);
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < T; ++t) gf[b * T + t] = load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st);
+  if (p.dx) {
+    void* dx = reinterpret_cast<void*>(p.dx);
+    std::vector<float> colsum(T, 0.0f);
+    if (p.input == 2)
+      for (std::int64_t k = 0; k < K; ++k)
+        for (std::int64_t t = 0; t < T; ++t) colsum[t] += W[k * T + t];
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (std::int64_t b = 0; b < B; ++b) {
+      const float* gb = gf.data() + b * T;
+      float m = 0.0f, ls = 0.0f, S = 0.0f;
+      if (p.input != 0) {
+        m = lse[2 * b];
+        ls = lse[2 * b + 1];
+        for (std::int64_t t = 0; t < T; ++t) S += gb[t] * (p.input == 1 ? saved[b * T + t] : colsum[t]);
+      }
+      for (std::int64_t k = 0; k < K; ++k) {
+        const float* wr = W + k * T;
+        float c = 0.0f;
+        for (std::int64_t t = 0; t < T; ++t) c += gb[t] * wr[t];
+        float v = c;
+        if (p.input != 0) {
+          const float pk = fast_exp(load<DT>(x, b * p.x_sb + k * p.x_sk) - m - ls);
+          v = p.input == 1 ? pk * (c - S) : c - pk * S;
+        }
+        store<DT>(dx, b * K + k, v);
+      }
+    }
+  }
+  if (p.dw) {
+    void* dw = reinterpret_cast<void*>(p.dw);
+    constexpr std::int64_t KB = 64;  // sources per work item; each sums over the batch in sample order
+    const std::int64_t nblk = (K + KB - 1) / KB;
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float> acc(KB * T);
+#pragma omp for schedule(static)
+      for (std::int64_t blk = 0; blk < nblk; ++blk) {
+        const std::int64_t k0 = blk * KB, k1 = std::min(K, k0 + KB);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (std::int64_t b = 0; b < B; ++b) {
+          const float m = p.input ? lse[2 * b] : 0.0f, ls = p.input ? lse[2 * b + 1] : 0.0f;
+          const float* gb = gf.data() + b * T;
+          for (std::int64_t k = k0; k < k1; ++k) {
+            const float f = transform(p.input, load<DT>(x, b * p.x_sb + k * p.x_sk), m, ls);
+            float* a = acc.data() + (k - k0) * T;
+#pragma omp simd
+            for (std::int64_t t = 0; t < T; ++t) a[t] += f * gb[t];
+          }
+        }
+        for (std::int64_t k = k0; k < k1; ++k)
+          for (std::int64_t t = 0; t < T; ++t) store_any(p.dw_dtype, dw, k * T + t, acc[(k - k0) * T + t]);
+      }
+    }
+  }
+}
+
+bool bad(const LabelMapParams& p) {
+  return p.x_dtype < 0 || p.x_dtype > 2 || p.input < 0 || p.input > 2 || p.B < 0 || p.K < 0 || p.T < 0 ||
+         (p.B > 0 && p.K > 0 && !p.x);
+}
+
+}  // namespace
+
+#define RK_DISPATCH(fn, p)       \
+  switch ((p).x_dtype) {         \
+    case F32: fn<F32>(p); break; \
+    case F16: fn<F16>(p); break; \
+    default: fn<BF16>(p); break; \
+  }
+
+int label_map_fwd(const LabelMapParams& p) {
+  if (bad(p) || (p.B && p.T && !p.out) || (p.input && p.B && !p.lse) || (p.M && !p.mapping) || p.map_dtype < 0 ||
+      p.map_dtype > 1)
+    return 1;
+  RK_DISPATCH(index_fwd, p);
+  return 0;
+}
+
+int label_map_bwd(const LabelMapParams& p) {
+  if (bad(p) || (p.B && p.K && !p.dx) || (p.input && p.B && !p.lse) || (p.input == 1 && p.B && p.T && !p.out) ||
+      (p.B && p.T && !p.grad) || (p.M && !p.mapping))
+    return 1;
+  RK_DISPATCH(index_bwd, p);
+  return 0;
+}
+
+int label_map_dense_fwd(const LabelMapParams& p) {
+  if (bad(p) || (p.B && p.T && !p.out) || (p.input && p.B && !p.lse) || (p.K && p.T && !p.w)) return 1;
+  RK_DISPATCH(dense_fwd, p);
+  return 0;
+}
+
+int label_map_dense_bwd(const LabelMapParams& p) {
+  if (bad(p) || (p.input && p.B && !p.lse) || (p.input == 1 && p.B && p.T && !p.out) || (p.K && p.T && !p.w) ||
+      (p.B && p.T && !p.grad))
+    return 1;
+  RK_DISPATCH(dense_bwd, p);
+  return 0;
+}
+
+}  // namespace rkcpu

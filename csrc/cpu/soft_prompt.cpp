@@ -1,0 +1,159 @@
+// soft_prompt_concat on the CPU: each output row (b, j) of D features is copied by one thread from its source
+// (an embedding-table row, an inputs_embeds row, or the row's task prompt), scaled and cast on the way; the
+// (B, L, D) token embedding is never materialised. The prompt gradient sums each prompt row over the batch in
+// sample order (one thread per (task, prompt row)): the same bits for any thread count.
+// Spec: reprokernels/reference/soft_prompt.py.
+#include <algorithm>
+#include <vector>
+
+#include "common.h"
+#include "kernels.h"
+
+namespace rkcpu {
+namespace {
+
+template <int SRC, int DST>
+inline void copy_row(const void* src, std::int64_t base, std::int64_t sd, void* dst, std::int64_t obase,
+                     std::int64_t D, float scale, bool scaled) {
+  if (sd == 1) {
+    if (scaled) {
+#pragma omp simd
+      for (std::int64_t d = 0; d < D; ++d) store<DST>(dst, obase + d, load<SRC>(src, base + d) * scale);
+    } else if constexpr (SRC == DST) {
+      std::memcpy(static_cast<char*>(dst) + obase * (DST == F32 ? 4 : 2),
+                  static_cast<const char*>(src) + base * (SRC == F32 ? 4 : 2), D * (DST == F32 ? 4 : 2));
+    } else {
+#pragma omp simd
+      for (std::int64_t d = 0; d < D; ++d) store<DST>(dst, obase + d, load<SRC>(src, base + d));
+    }
+  } else {
+    for (std::int64_t d = 0; d < D; ++d) {
+      const float v = load<SRC>(src, base + d * sd);
+      store<DST>(dst, obase + d, scaled ? v * scale : v);
+    }
+  }
+}
+
+template <int PDT, int TDT>
+void fwd(const SoftPromptParams& p) {
+  const void* prompt = reinterpret_cast<const void*>(p.prompt);
+  const void* tok = reinterpret_cast<const void*>(p.tokens);
+  const void* ids = reinterpret_cast<const void*>(p.ids);
+  const void* task = reinterpret_cast<const void*>(p.task);
+  const void* ins = reinterpret_cast<const void*>(p.insert);
+  void* out = reinterpret_cast<void*>(p.out);
+  const std::int64_t PL = p.P + p.L, D = p.D;
+  const bool scaled = p.embed_scale != 1.0f;
+#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
+  for (std::int64_t r = 0; r < p.B * PL; ++r) {
+    const std::int64_t b = r / PL, j = r % PL;
+    std::int64_t s = ins ? load_index(p.insert_dtype, ins, b * p.insert_s) : 0;
+    s = std::min(std::max<std::int64_t>(s, 0), p.L);  // range-checked by the op; never read out of bounds
+    const std::int64_t obase = r * D;
+    if (j >= s && j < s + p.P) {
+      std::int64_t t = task ? load_index(p.task_dtype, task, b * p.task_s) : 0;
+      t = std::min(std::max<std::int64_t>(t, 0), p.T - 1);
+      copy_row<PDT, TDT>(prompt, t * p.prompt_st + (j - s) * p.prompt_sp, p.prompt_sd, out, obase, D, 1.0f, false);
+      continue;
+    }
+    const std::int64_t l = j < s ? j : j - p.P;
+    std::int64_t base;
+    if (p.from_ids) {
+      std::int64_t v = load_index(p.ids_dtype, ids, b * p.ids_sb + l * p.ids_sl);
+      v = std::min(std::max<std::int64_t>(v, 0), p.V - 1);
+      base = v * p.tok_sv;
+    } else {
+      base = b * p.tok_sb + l * p.tok_sl;
+    }
+    copy_row<TDT, TDT>(tok, base, p.tok_sd, out, obase, D, p.embed_scale, scaled);
+  }
+}
+
+template <int GDT>
+void bwd(const SoftPromptParams& p) {
+  const void* g = reinterpret_cast<const void*>(p.grad);
+  const void* task = reinterpret_cast<const void*>(p.task);
+  const void* ins = reinterpret_cast<const void*>(p.insert);
+  const std::int64_t B = p.B, P = p.P, D = p.D, L = p.L;
+  const int nt = threads_of(p.threads);
+  std::vector<std::int64_t> starts(B), tasks(B);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t s = ins ? load_index(p.insert_dtype, ins, b * p.insert_s) : 0;
+    starts[b] = std::min(std::max<std::int64_t>(s, 0), L);
+    tasks[b] = task ? load_index(p.task_dtype, task, b * p.task_s) : 0;
+  }
+  if (p.dprompt) {
+    void* dp = reinterpret_cast<void*>(p.dprompt);
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float> acc(D);
+#pragma omp for schedule(static)
+      for (std::int64_t r = 0; r < p.T * P; ++r) {
+        const std::int64_t t = r / P, i = r % P;
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        float* a = acc.data();
+        for (std::int64_t b = 0; b < B; ++b) {
+          if (tasks[b] != t) continue;
+          const std::int64_t base = b * p.grad_sb + (starts[b] + i) * p.grad_sj;
+          if (p.grad_sd == 1) {
+#pragma omp simd
+            for (std::int64_t d = 0; d < D; ++d) a[d] += load<GDT>(g, base + d);
+          } else {
+            for (std::int64_t d = 0; d < D; ++d) a[d] += load<GDT>(g, base + d * p.grad_sd);
+          }
+        }
+        for (std::int64_t d = 0; d < D; ++d) store_any(p.prompt_dtype, dp, r * D + d, a[d]);
+      }
+    }
+  }
+  if (p.dembeds) {
+    void* de = reinterpret_cast<void*>(p.dembeds);
+    const bool scaled = p.embed_scale != 1.0f;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (std::int64_t r = 0; r < B * L; ++r) {
+      const std::int64_t b = r / L, l = r % L;
+      const std::int64_t j = l < starts[b] ? l : l + P;
+      copy_row<GDT, GDT>(g, b * p.grad_sb + j * p.grad_sj, p.grad_sd, de, r * D, D, p.embed_scale, scaled);
+    }
+  }
+}
+
+template <int PDT>
+void fwd_p(const SoftPromptParams& p) {
+  switch (p.tok_dtype) {
+    case F32: fwd<PDT, F32>(p); break;
+    case F16: fwd<PDT, F16>(p); break;
+    default: fwd<PDT, BF16>(p); break;
+  }
+}
+
+bool codes_ok(const SoftPromptParams& p) {
+  auto f = [](std::int32_t c) { return c >= 0 && c <= 2; };
+  auto i = [](std::int32_t c) { return c >= 0 && c <= 4; };
+  return f(p.prompt_dtype) && f(p.tok_dtype) && f(p.grad_dtype) && i(p.ids_dtype) && i(p.task_dtype) &&
+         i(p.insert_dtype) && p.B >= 0 && p.L >= 0 && p.P >= 0 && p.D >= 0 && p.T >= 1;
+}
+
+}  // namespace
+
+int soft_prompt_fwd(const SoftPromptParams& p) {
+  if (!codes_ok(p) || !p.out || !p.prompt || !p.tokens || (p.from_ids && (!p.ids || p.V < 1))) return 1;
+  switch (p.prompt_dtype) {
+    case F32: fwd_p<F32>(p); break;
+    case F16: fwd_p<F16>(p); break;
+    default: fwd_p<BF16>(p); break;
+  }
+  return 0;
+}
+
+int soft_prompt_bwd(const SoftPromptParams& p) {
+  if (!codes_ok(p) || !p.grad) return 1;
+  switch (p.grad_dtype) {
+    case F32: bwd<F32>(p); break;
+    case F16: bwd<F16>(p); break;
+    default: bwd<BF16>(p); break;
+  }
+  return 0;
+}
+
+}  // namespace rkcpu

@@ -1,0 +1,80 @@
+"""Loader of the compiled CPU module ``reprokernels._C_cpu`` (C++ + OpenMP kernels, csrc/cpu/).
+
+Named like ``_C``: this loader is to it what ``_cuda.py`` is to ``_C`` (a module ``reprokernels._cpu`` could not
+be both this file and the extension).
+
+setup.py builds it on every install with the host compiler; a failed build does not fail the install, it is
+recorded in ``_build_info.json`` (``cpu_build``, ``cpu_reason``) and reported here and by ``reprokernels info``.
+The kernels take raw pointers, sizes, strides and a thread count: every launch passes
+``torch.get_num_threads()``, and the results are bitwise the same for any thread count.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from ._cuda import build_info
+
+REBUILD_HINT = ('rebuild with: pip install "setuptools>=64" wheel "pybind11>=2.10" && '
+                'pip install -e . --no-build-isolation')
+
+
+class CpuKernelError(RuntimeError):
+    """A CPU kernel refused its parameters (a launcher bug: Python validates everything first)."""
+
+
+def _describe_build() -> str:
+    info = build_info()
+    if "cpu_build" not in info:
+        return "no build record of the CPU module (reprokernels/_build_info.json has none: an older install?)"
+    return f"the CPU module was {'built' if info['cpu_build'] else 'not built'}: {info.get('cpu_reason', '?')}"
+
+
+@cache
+def _load() -> tuple[ModuleType | None, str]:
+    try:
+        return importlib.import_module("reprokernels._C_cpu"), ""
+    except ImportError as exc:
+        return None, f"reprokernels._C_cpu could not be imported ({exc}); {_describe_build()}; {REBUILD_HINT}"
+
+
+def available() -> bool:
+    return _load()[0] is not None
+
+
+def unavailable_reason() -> str:
+    return _load()[1]
+
+
+def extension() -> ModuleType:
+    from ._backend import BackendUnavailableError
+
+    mod, why = _load()
+    if mod is None:
+        raise BackendUnavailableError(why)
+    return mod
+
+
+def describe() -> str:
+    """One line for ``reprokernels info``."""
+    mod, why = _load()
+    if mod is None:
+        return f"not loaded; {why}"
+    omp = "OpenMP" if mod.openmp else "no OpenMP (single-threaded)"
+    return f"loaded ({omp}; threads = torch.get_num_threads() = {torch.get_num_threads()}); {_describe_build()}"
+
+
+def threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def run(name: str, params: object) -> None:
+    """Run kernel ``name``; a refusal (code 1) becomes CpuKernelError naming it."""
+    params.threads = threads()  # type: ignore[attr-defined]
+    code = getattr(extension(), name)(params)
+    if code != 0:
+        raise CpuKernelError(f"reprokernels CPU kernel '{name}' refused its parameters (code {code})")

@@ -1,0 +1,133 @@
+"""cpu backend of ``label_map``: tensors -> ``LabelMapParams`` -> csrc/cpu/label_map.cpp.
+
+Index mappings: one thread per row, one sweep for the row's max and one for its sum of exp (the row still in
+cache), then only the mapped columns; the backward writes each row's softmax term once and overwrites the mapped
+columns from an inverse table sorted by column (stable: the reference's index_add_ order). Dense mappings: the
+(K, T) weights as float32, each output summed over K in order (forward) and d mapping summed over the batch in
+sample order by one thread per block of sources (backward). Logits float32/float16/bfloat16, any strides
+(stride 0 included); float64 is the reference's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _cpu
+from .._alloc import empty_output
+from ..reference.label_map import out_dtype
+from . import DTYPE_CODES, case_dict, check_cpu, dtype_reason, float_code
+
+INPUT_CODES = {"logits": 0, "probs": 1, "log_probs": 2}
+REDUCE_CODES = {"mean": 0, "sum": 1}
+INDEX_CODES = {torch.int64: 0, torch.int32: 1}
+
+
+def supports(case: tuple) -> str:
+    """case keys: dtype (of the logits), mapping_dtype (of a dense mapping)."""
+    return dtype_reason(case_dict(case), "dtype", "mapping_dtype")
+
+
+def _params(logits: torch.Tensor, input: str):
+    p = _cpu.extension().LabelMapParams()
+    p.x_dtype = float_code(logits, "logits")
+    p.B, p.K = logits.shape
+    p.x = logits.data_ptr()
+    p.x_sb, p.x_sk = logits.stride()
+    p.input = INPUT_CODES[input]
+    return p
+
+
+def _index(mapping: torch.Tensor) -> torch.Tensor:
+    return mapping if mapping.dtype in INDEX_CODES else mapping.to(torch.int64)
+
+
+def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    check_cpu(logits=logits, mapping=mapping)
+    mapping = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
+    B = logits.shape[0]
+    dense = mapping.is_floating_point()
+    if dense:
+        float_code(mapping, "mapping")
+    T = mapping.shape[1] if dense else mapping.shape[0]
+    odt = out_dtype(logits, input)
+    out = empty_output((B, T), odt, logits.device)
+    lse = (empty_output((B, 2), torch.float32, logits.device) if input != "logits"
+           else torch.empty((0,), dtype=torch.float32))
+    p = _params(logits, input)
+    if B == 0:
+        return out, lse
+    p.T = T
+    p.out = out.data_ptr()
+    p.lse = lse.data_ptr() if input != "logits" else 0
+    if dense:
+        w = mapping.to(torch.float32).contiguous()
+        p.w = w.data_ptr()
+        p.out_dtype = DTYPE_CODES[odt]
+        _cpu.run("label_map_dense_fwd", p)
+        del w
+        return out, lse
+    m = _index(mapping)
+    p.M = m.shape[1]
+    p.mapping = m.data_ptr()
+    p.map_st, p.map_sm = m.stride()
+    p.map_dtype = INDEX_CODES[m.dtype]
+    p.reduce = REDUCE_CODES[reduce]
+    _cpu.run("label_map_fwd", p)
+    return out, lse
+
+
+def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, reduce: str, input: str, need_logits: bool, need_mapping: bool
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    dense = mapping.is_floating_point()
+    need_mapping = need_mapping and dense
+    if not (need_logits or need_mapping):
+        return None, None
+    check_cpu(grad=grad, logits=logits, mapping=mapping)
+    mapping = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
+    B, K = logits.shape
+    T = mapping.shape[1] if dense else mapping.shape[0]
+    g = grad if grad.dtype in DTYPE_CODES else grad.float()
+    p = _params(logits, input)
+    p.T = T
+    p.grad = g.data_ptr()
+    p.grad_sb, p.grad_st = g.stride()
+    p.grad_dtype = DTYPE_CODES[g.dtype]
+    keep = []
+    if input != "logits":
+        lse_k = lse.float().contiguous()
+        keep.append(lse_k)
+        p.lse = lse_k.data_ptr()
+    if input == "probs":
+        out_k = out.float().contiguous()
+        keep.append(out_k)
+        p.out = out_k.data_ptr()
+    dx = empty_output((B, K), logits.dtype, logits.device) if need_logits else None
+    if dense:
+        dw_dtype = mapping.dtype if mapping.dtype in DTYPE_CODES else torch.float32
+        dw = empty_output((K, T), dw_dtype, logits.device) if need_mapping else None
+        w = mapping.to(torch.float32).contiguous()
+        p.w = w.data_ptr()
+        p.dx = dx.data_ptr() if dx is not None else 0
+        p.dw = dw.data_ptr() if dw is not None else 0
+        p.dw_dtype = DTYPE_CODES[dw_dtype]
+        if B == 0 and dw is not None:
+            dw.zero_()
+        elif B or K:
+            _cpu.run("label_map_dense_bwd", p)
+        del w, keep
+        return dx, (dw.to(mapping.dtype) if dw is not None else None)
+    assert dx is not None
+    if B == 0 or K == 0:
+        return dx, None
+    m = _index(mapping)
+    p.M = m.shape[1]
+    p.mapping = m.data_ptr()
+    p.map_st, p.map_sm = m.stride()
+    p.map_dtype = INDEX_CODES[m.dtype]
+    p.reduce = REDUCE_CODES[reduce]
+    p.dx = dx.data_ptr()
+    _cpu.run("label_map_bwd", p)
+    del keep
+    return dx, None

@@ -1,0 +1,314 @@
+"""The cpu backend (reprokernels._C_cpu, csrc/cpu/) against the reference: every op, options, forward and every
+gradient, odd shapes, non-contiguous and stride-0 inputs, float32/float16/bfloat16, 1 vs 2 threads bitwise
+equal, opcheck, torch.compile(fullgraph=True), bad input, and how auto routes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import reprokernels as rk
+from reprokernels import _backend, _cpu
+from reprokernels._backend import BackendUnavailableError, resolve_backend
+from tests.utils import as_layout, assert_close, grads_match_compiled
+
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason=f"cpu backend not built: {_cpu.unavailable_reason()}")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["contiguous", "strided", "transposed"]
+CPU = torch.device("cpu")
+
+
+def _tol(dtype, scale=1.0):
+    # vs a float32 reference: the 16-bit rounding of an output dominates; float32 differs only in exp/sum order
+    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * scale
+
+
+def _with_threads(n, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bitwise_same_1_vs_2(fn):
+    a, b = _with_threads(1, fn), _with_threads(2, fn)
+    for x, y in zip(a, b, strict=True):
+        if x is not None:
+            assert torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,
+                               y.view(torch.uint8) if y.dtype != torch.bool else y)
+
+
+def _run(fn, params, backend):
+    """Forward and gradients of sum(out * weights) w.r.t. every tensor in params that requires grad."""
+    ps = [p.detach().clone().requires_grad_(p.requires_grad) if p.is_floating_point() else p for p in params]
+    out = fn(*ps, backend)
+    g = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    diff = [p for p in ps if p.requires_grad]
+    grads = torch.autograd.grad((out.float() * g).sum(), diff, allow_unused=True) if diff else ()
+    return (out, *grads)
+
+
+def _compare(fn, params, dtype, scale=1.0, names=()):
+    got = _run(fn, params, "cpu")
+    ref_params = [p.float() if p.is_floating_point() else p for p in params]
+    want = _run(fn, [p.detach().requires_grad_(q.requires_grad) if p.is_floating_point() else p
+                     for p, q in zip(ref_params, params, strict=True)], "reference")
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        tol = _tol(dtype, scale)
+        mag = max(1.0, float(b.detach().abs().max())) if b.numel() else 1.0
+        assert_close(a.float(), b.float(), rtol=tol, atol=tol * mag, name=(names[i] if i < len(names) else str(i)))
+    _bitwise_same_1_vs_2(lambda: _run(fn, params, "cpu"))
+
+
+# ---------------------------------------------------------------- label_map
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("input", ["logits", "probs", "log_probs"])
+@pytest.mark.parametrize("kind", ["one", "many_mean", "many_sum", "dense"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_label_map_matches_reference(dtype, input, kind, layout):
+    g = torch.Generator().manual_seed(hash((str(dtype), input, kind, layout)) % 1000)
+    B, K = 7, 53
+    x = as_layout((torch.randn(B, K, generator=g) * 3).to(dtype), layout).requires_grad_()
+    if kind == "one":
+        mapping, reduce = torch.randint(0, K, (5,), generator=g), "mean"
+    elif kind == "dense":
+        mapping, reduce = torch.rand(K, 4, generator=g).requires_grad_(), "mean"
+    else:
+        mapping = torch.randint(-1, K, (6, 3), generator=g)
+        mapping[2] = -1
+        mapping[3, 1] = mapping[3, 0]  # a repeated entry
+        reduce = "mean" if kind == "many_mean" else "sum"
+
+    def fn(x, mapping, backend):
+        return rk.label_map(x, mapping, reduce=reduce, input=input, backend=backend)
+
+    _compare(fn, [x, mapping], dtype, scale=4 if kind == "dense" else 1)
+
+
+def test_label_map_stride0_grad_and_logits():
+    x = torch.randn(1, 40).expand(5, 40).requires_grad_()
+    mapping = torch.tensor([[3, 7], [39, -1]])
+
+    def fn(x, mapping, backend):
+        return rk.label_map(x, mapping, input="log_probs", backend=backend)
+
+    _compare(fn, [x, mapping], torch.float32)
+
+
+def test_label_map_vocab_row_bitwise_threads():
+    x = torch.randn(6, 128_256)
+    idx = torch.randint(0, 128_256, (10,))
+    _bitwise_same_1_vs_2(lambda: rk.label_map(x, idx, input="log_probs", backend="cpu").unsqueeze(0))
+    assert_close(rk.label_map(x, idx, input="log_probs", backend="cpu"), torch.log_softmax(x, -1)[:, idx],
+                 rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- soft_prompt_concat
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ids", [True, False])
+@pytest.mark.parametrize("table", [False, True])
+@pytest.mark.parametrize("insert", [False, True])
+def test_soft_prompt_matches_reference(dtype, ids, table, insert):
+    g = torch.Generator().manual_seed(3)
+    B, L, P, D, V, T = 5, 7, 3, 13, 11, 4
+    prompt = torch.randn(*((T,) if table else ()), P, D, generator=g).requires_grad_()
+    task_ids = torch.randint(0, T, (B,), generator=g, dtype=torch.int32) if table else None
+    insert_at = torch.randint(0, L + 1, (B,), generator=g) if insert else None
+    if ids:
+        weight = torch.randn(V, D, generator=g).to(dtype)
+        input_ids = torch.randint(0, V, (B, L), generator=g).to(torch.int16)
+        tokens = [input_ids, weight]
+    else:
+        tokens = [as_layout(torch.randn(B, L, D, generator=g).to(dtype), "strided").requires_grad_()]
+
+    def fn(prompt, *rest):
+        *tok, backend = rest
+        if ids:
+            kw = dict(input_ids=tok[0], embedding_weight=tok[1])
+        else:
+            kw = dict(inputs_embeds=tok[0])
+        return rk.soft_prompt_concat(prompt, task_ids=task_ids, insert_at=insert_at, embed_scale=1.5, backend=backend,
+                                     **kw).inputs_embeds
+
+    _compare(fn, [prompt, *tokens], dtype)
+
+
+def test_soft_prompt_stride0_prompt_and_grad():
+    prompt = torch.randn(1, 8).expand(4, 8).requires_grad_()
+    emb = torch.randn(2, 1, 8).expand(2, 5, 8).requires_grad_()
+
+    def fn(prompt, emb, backend):
+        return rk.soft_prompt_concat(prompt, inputs_embeds=emb, backend=backend).inputs_embeds
+
+    _compare(fn, [prompt, emb], torch.float32)
+
+
+# ---------------------------------------------------------------- visual_prompt
+
+VP_CASES = [
+    dict(),
+    dict(mask="full", squash="sigmoid"),
+    dict(mask="frame", mask_width=2, squash="tanh", clamp=(0.1, 0.9), mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.4]),
+    dict(mask="patch", patch=(1, 2, 4, 5), order="post_norm", mean=0.5, std=0.25),
+    dict(offset=(0, 3), fill=0.5, clamp=(0.0, 1.0)),
+    dict(mask="tensor_patch"),
+    dict(mask="tensor_sample", squash="sigmoid"),
+    dict(per_sample=True, squash="tanh"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(VP_CASES)))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_visual_prompt_matches_reference(dtype, case, layout):
+    kw = dict(VP_CASES[case])
+    g = torch.Generator().manual_seed(case)
+    B, C, h, w, H, W = 3, 3, 5, 6, 11, 12
+    x = as_layout(torch.rand(B, C, h, w, generator=g).to(dtype), layout).requires_grad_()
+    delta = torch.randn(*((B,) if kw.pop("per_sample", False) else ()), C, H, W, generator=g).requires_grad_()
+    params = [x, delta]
+    if kw.get("mask") == "tensor_patch":
+        params.append(torch.rand(1, C, H // 11, W // 4, generator=g).requires_grad_())
+    elif kw.get("mask") == "tensor_sample":
+        params.append(torch.rand(B, 1, H, W, generator=g).requires_grad_())
+
+    def fn(x, delta, *rest):
+        *m, backend = rest
+        opts = dict(kw)
+        if m:
+            opts["mask"] = m[0]
+        return rk.visual_prompt(x, delta, backend=backend, **opts)
+
+    _compare(fn, params, dtype, scale=2, names=("out", "dx", "ddelta", "dmask"))
+
+
+def test_visual_prompt_stride0_delta():
+    x = torch.rand(2, 3, 4, 4).requires_grad_()
+    delta = torch.randn(3, 1, 1).expand(3, 8, 8).requires_grad_()
+
+    def fn(x, delta, backend):
+        return rk.visual_prompt(x, delta, squash="sigmoid", backend=backend)
+
+    _compare(fn, [x, delta], torch.float32)
+
+
+def test_visual_prompt_resize_is_unsupported():
+    x, delta = torch.rand(2, 3, 4, 4), torch.zeros(3, 12, 12)
+    with pytest.raises(BackendUnavailableError, match="resize: the cpu backend does not implement"):
+        rk.visual_prompt(x, delta, resize=8, backend="cpu")
+    assert "resize='bilinear'" in _backend.cpu_supports("visual_prompt", ("dtype=float32", "resize=bilinear"))
+
+
+# ---------------------------------------------------------------- label_histogram
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight,topk", [("count", None), ("prob", None), ("prob", 3)])
+def test_label_histogram_matches_reference(dtype, weight, topk):
+    g = torch.Generator().manual_seed(5)
+    x = as_layout(torch.randn(41, 17, generator=g).to(dtype), "transposed")
+    x[3, 4] = x[3, 5] = x[3].max() + 1  # ties
+    y = torch.randint(0, 5, (41,), generator=g)
+    start = torch.rand(17, 5)
+    got = rk.label_histogram(x, y, 17, 5, weight=weight, topk=topk, out=start.clone(), backend="cpu")
+    want = rk.label_histogram(x, y, 17, 5, weight=weight, topk=topk, out=start.clone(), backend="reference")
+    assert_close(got, want, rtol=1e-6, atol=1e-6)
+    _bitwise_same_1_vs_2(lambda: (rk.label_histogram(x, y, 17, 5, weight=weight, topk=topk, backend="cpu"),))
+
+
+def test_label_histogram_integer_predictions():
+    preds, y = torch.randint(0, 9, (100,), dtype=torch.int32), torch.randint(0, 4, (100,))
+    assert torch.equal(rk.label_histogram(preds, y, 9, 4, backend="cpu"),
+                       rk.label_histogram(preds, y, 9, 4, backend="reference"))
+
+
+# ---------------------------------------------------------------- registration, compile, errors, routing
+
+def test_opcheck():
+    x = torch.randn(4, 33)
+    for mapping in (torch.tensor([[1, 5, -1], [0, 0, 32]]), torch.rand(33, 3)):
+        for input in ("logits", "probs", "log_probs"):
+            torch.library.opcheck(torch.ops.reprokernels.label_map_fwd, (x, mapping, "mean", input, "cpu"))
+            out, lse = torch.ops.reprokernels.label_map_fwd(x, mapping, "mean", input, "cpu")
+            torch.library.opcheck(torch.ops.reprokernels.label_map_bwd,
+                                  (torch.randn_like(out), x, mapping, out, lse, "mean", input,
+                                   [True, mapping.is_floating_point()], "cpu"))
+    prompt, emb = torch.randn(3, 8), torch.randn(2, 5, 8)
+    torch.library.opcheck(torch.ops.reprokernels.soft_prompt_concat_fwd,
+                          (prompt, None, emb, None, None, torch.tensor([0, 2]), 1.0, "cpu"))
+    torch.library.opcheck(torch.ops.reprokernels.soft_prompt_concat_bwd,
+                          (torch.randn(2, 8, 8), prompt, None, torch.tensor([0, 2]), 5, 1.0, [True, True], "cpu"))
+    out = torch.zeros(6, 3)
+    torch.library.opcheck(torch.ops.reprokernels.label_histogram_accumulate,
+                          (out, torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1]), 2, "prob", "cpu"))
+
+
+def test_visual_prompt_opcheck():
+    from reprokernels.ops.visual_prompt import prepare
+    x, delta = torch.rand(2, 3, 4, 4), torch.randn(3, 8, 8)
+    mask, mean, std, spec = prepare(x, delta, squash="sigmoid", mean=0.5, std=0.2, clamp=(0, 1))
+    ints, floats, modes = spec.to_schema()
+    torch.library.opcheck(torch.ops.reprokernels.visual_prompt_fwd,
+                          (x, delta, mask, mean, std, ints, floats, modes, "cpu"))
+    torch.library.opcheck(torch.ops.reprokernels.visual_prompt_bwd,
+                          (torch.randn(2, 3, 8, 8), x, delta, mask, mean, std, ints, floats, modes,
+                           [True, True, False], "cpu"))
+
+
+def test_torch_compile_fullgraph():
+    mapping = torch.tensor([[1, 5, -1], [0, 0, 32]])
+    x = torch.randn(4, 33, requires_grad=True)
+
+    def loss_fn(x):
+        return torch.nn.functional.cross_entropy(rk.label_map(x, mapping, input="log_probs", backend="cpu"),
+                                                 torch.tensor([0, 1, 1, 0]))
+
+    grads_match_compiled(loss_fn, x)
+
+
+def test_float64_is_refused_by_name():
+    with pytest.raises(TypeError, match="logits"):
+        rk.label_map(torch.randn(2, 5, dtype=torch.float64), torch.tensor([1]), backend="cpu")
+    with pytest.raises(BackendUnavailableError, match="x: the cpu backend supports float32"):
+        from reprokernels.cpu import visual_prompt as vp
+        from reprokernels.reference.visual_prompt import VPSpec
+        vp.visual_prompt(torch.rand(1, 1, 2, 2, dtype=torch.float64), torch.zeros(1, 2, 2), None, None, None,
+                         VPSpec(2, 2, 2, 2, 0, 0, 0, 0, 2, 2, True, "none", "pre_norm", "none", False, 0.0,
+                                float("-inf"), float("inf")))
+
+
+def test_explicit_cpu_on_cuda_like_device_is_refused():
+    ok, why = _backend.backend_status("cpu", "cuda")
+    assert not ok and "needs CPU tensors" in why
+
+
+def test_auto_routes_to_cpu_only_for_a_supported_case():
+    for op in _backend.CPU_LAUNCHERS:
+        assert resolve_backend(op, "auto", CPU) in ("reference", "composite")  # no case: today's choice
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=float32",)) == "cpu"
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=float64",)) == "reference"
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=bfloat16", "resize=none")) == "cpu"
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=float32", "resize=nearest")) == "reference"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=int64",)) == "cpu"
+    assert resolve_backend("soft_prompt_concat", "auto", CPU,
+                           case=("prompt_dtype=float32", "tokens_dtype=float64")) == "reference"
+
+
+def test_info_reports_the_cpu_module():
+    import io
+    buf = io.StringIO()
+    rk.info(file=buf)
+    text = buf.getvalue()
+    assert "_C_cpu" in text and "cpu " in text
+
+
+@pytest.mark.parametrize("op,kw", list(itertools.product(["label_map"], [{}])))
+def test_bad_input_names_the_argument(op, kw):
+    with pytest.raises(ValueError, match="backend: expected one of auto, reference, triton, cuda, composite, cpu"):
+        rk.label_map(torch.randn(2, 5), torch.tensor([1]), backend="fast")
