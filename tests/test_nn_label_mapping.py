@@ -53,7 +53,9 @@ def test_every_method_fits_and_maps(method):
         assert lm.mapping.unique().numel() == K_TGT
         assert torch.equal(out, x[:, lm.mapping])
     else:  # linear: a learnable layer, trained by gradient
-        assert lm.mapping is None and lm.statistics is None
+        assert lm.statistics is None
+        # the linear method's mapping is the layer's weight, (K_src, K_tgt): out = logits @ mapping + bias
+        assert torch.equal(lm.mapping, lm.linear.weight.detach().t()) and not lm.mapping.requires_grad
         assert_close(out, F.linear(x, lm.linear.weight, lm.linear.bias))
         out.sum().backward()
         assert lm.linear.weight.grad is not None and lm.linear.weight.grad.shape == (K_TGT, K_SRC)

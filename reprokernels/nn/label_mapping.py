@@ -37,7 +37,9 @@ Choices, following the papers and their code:
 - random (RLM): a seeded random one-to-one mapping (``torch.randperm(K_src)[:K_tgt]``), or random
   many-to-one with m > 1; never re-estimated.
 - linear: a learnable ``nn.Linear(K_src, K_tgt)`` on the logits (a fully connected output layer), through
-  ``label_map`` with its weight as a dense mapping, plus the bias.
+  ``label_map`` with its weight as a dense mapping, plus the bias. ``.mapping`` is then that weight as a
+  detached (K_src, K_tgt) view (``out = logits @ mapping + linear.bias``), so code reading the learned mapping
+  works for every method; ``fit``/``accumulate``/``update`` do nothing.
 
 Before the first :meth:`LabelMapping.update` the mapping is what the estimator gives on an all-zero statistic:
 ``[0, 1, ..., K_tgt - 1]`` (``arange(K_tgt * m).view(K_tgt, m)`` for BAR), and for BLM/BLM+ the one-hot matrix
@@ -53,6 +55,7 @@ ILM/BLM/BLM+ every epoch, for FLM/BAR until their first update, never for random
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -152,8 +155,9 @@ class LabelMapping(nn.Module):
 
         self.linear: nn.Linear | None = None
         if kind == "linear":
+            # no ``mapping`` buffer: ``self.mapping`` is the layer's (K_src, K_tgt) weight (see __getattr__), so
+            # code that reads the learned mapping after fitting works for every method
             self.linear = nn.Linear(K_src, K_tgt)
-            self.register_buffer("mapping", None)
         elif kind == "dense":
             omega = torch.zeros(K_src, K_tgt)
             omega[torch.arange(K_tgt), torch.arange(K_tgt)] = 1.0
@@ -169,6 +173,15 @@ class LabelMapping(nn.Module):
         self.register_buffer("statistics", None, persistent=False)
 
     # ------------------------------------------------------------------ mapping
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "mapping" and "linear" in self.__dict__.get("_modules", {}):
+            linear = self._modules["linear"]
+            if linear is not None:
+                # the linear method's mapping: out = logits @ mapping + linear.bias (a detached view of the
+                # layer's weight, always current; train the layer itself)
+                return linear.weight.detach().t()
+        return super().__getattr__(name)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., K_src) -> (..., K_tgt); float32 for input probs/log_probs, else the logits' dtype."""

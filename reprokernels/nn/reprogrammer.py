@@ -6,7 +6,9 @@
 never change.
 
 - Frozen: every backbone parameter gets ``requires_grad=False`` at construction (gradients still flow *through*
-  the backbone to the prompt).
+  the backbone to the prompt). A prompt or mapping whose *trainable* parameter is also a backbone parameter (tied
+  weights) is refused with a ValueError naming the part and the parameter, never frozen silently; a shared
+  parameter already marked ``requires_grad=False`` is a fixed map and is accepted.
 - Always in eval mode: ``train()`` puts the prompt and the mapping in training mode but keeps the backbone in
   eval mode, so BatchNorm running statistics are neither used from the batch nor updated, and dropout is off.
   After any number of training steps every backbone parameter *and buffer* is bit-identical.
@@ -56,14 +58,24 @@ class Reprogrammer(nn.Module):
         for name, part in (("input_prompt", input_prompt), ("label_mapping", label_mapping)):
             if part is not None and not isinstance(part, nn.Module):
                 raise TypeError(f"{name}: expected an nn.Module or None, got {type(part).__name__}")
+        # before freezing: a parameter the user left trainable in a part that the backbone shares (a label mapping
+        # built on the backbone's own head, a prompt tied to its embedding) would otherwise be frozen silently.
+        # Refused: training it would change the backbone, which reprogramming never does.
+        backbone_ids = {id(p) for p in backbone.parameters()}
+        for name, part in (("input_prompt", input_prompt), ("label_mapping", label_mapping)):
+            if part is None:
+                continue
+            tied = [n for n, p in part.named_parameters() if p.requires_grad and id(p) in backbone_ids]
+            if tied:
+                raise ValueError(
+                    f"{name}: expected parameters of its own, got trainable parameter(s) {', '.join(tied)} shared "
+                    f"with the backbone, which Reprogrammer freezes; use a copy (e.g. copy.deepcopy of the "
+                    f"layer) to train it, or set requires_grad=False on it to use it as a fixed map")
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.backbone = backbone
         self.add_module("input_prompt", input_prompt)
         self.add_module("label_mapping", label_mapping)
-        shared = {id(p) for p in backbone.parameters()} & {id(p) for p in self.trainable_parameters()}
-        if shared:
-            raise ValueError("input_prompt/label_mapping: share parameters with the backbone, which is frozen")
         self.register_state_dict_post_hook(_drop_backbone_entries)
         self.register_load_state_dict_pre_hook(_keep_backbone_on_load)
         self.train(self.training)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backend import BACKENDS
-from .._validation import check_pair
+from .._validation import _as_real, check_nonzero, check_pair, check_reals
 from ..ops.visual_prompt import visual_prompt
 from ..reference.visual_prompt import ORDERS, RESIZE_MODES, SQUASHES
 
@@ -65,13 +65,21 @@ def _pair(value: Size | None, name: str) -> tuple[int, int] | None:
 def _channel_buffer(value: Channelwise, name: str, channels: int) -> torch.Tensor | None:
     if value is None:
         return None
+    if not isinstance(value, torch.Tensor):
+        # host numbers are checked on the host: under ``with torch.device("meta")`` (FSDP2-style construction)
+        # the tensor below has no values to look at
+        scalar = _as_real(value)
+        vals = [scalar] if scalar is not None else check_reals(
+            value, name, f"None, a number, {channels} numbers (one per channel) or a tensor")
+        if name == "std" and any(v == 0 for v in vals):
+            raise ValueError(f"std: expected non-zero values, got {vals}")
     t = torch.as_tensor(value, dtype=torch.float32).detach().clone().reshape(-1)
     if t.numel() == 1:
         t = t.expand(channels).clone()
     if t.numel() != channels:
         raise ValueError(f"{name}: expected 1 or {channels} values (one per channel), got {t.numel()}")
-    if name == "std" and bool((t == 0).any()):
-        raise ValueError(f"std: expected non-zero values, got {t.tolist()}")
+    if name == "std":
+        check_nonzero(t, "std")  # (skips meta tensors)
     return t
 
 
@@ -329,7 +337,8 @@ class PatchPrompter(_Prompter):
         self.random_position = bool(random_position)
         self.delta = nn.Parameter(torch.randn(channels, ph, pw))
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+            # drawn on the CPU explicitly: a meta device context (FSDP2-style construction) has no values to draw
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         self._generator = torch.Generator()
         self.manual_seed(seed)
         self.last_position: tuple[int, int] | None = None
@@ -345,8 +354,9 @@ class PatchPrompter(_Prompter):
         if not (self.training and self.random_position):
             return self.position
         (H, W), (ph, pw) = self.image_size, self.patch_size
-        top = int(torch.randint(0, H - ph + 1, (), generator=self._generator).item())
-        left = int(torch.randint(0, W - pw + 1, (), generator=self._generator).item())
+        # the generator is a CPU one: draw on the CPU whatever the ambient device (a meta context included)
+        top = int(torch.randint(0, H - ph + 1, (), generator=self._generator, device="cpu").item())
+        left = int(torch.randint(0, W - pw + 1, (), generator=self._generator, device="cpu").item())
         return top, left
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
