@@ -62,8 +62,10 @@ def test_grid_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     small = _rec(launches=[("_k", (8, 1, 1))])
     assert any("8 programs < 132" in b for b in aot_rules.violations([small], [], []))
     assert aot_rules.violations([_rec(launches=[("_k", (8, 1, 1))], wave=False)], [], []) == []
-    monkeypatch.setitem(aot_rules.SMALL_BY_DESIGN, "_k", "a fixed-order reduction of 8 partials")
+    monkeypatch.setitem(aot_rules.SMALL_BY_DESIGN, "_k", (8, "a fixed-order reduction of 8 partials"))
     assert aot_rules.violations([small], [], []) == []
+    monkeypatch.setitem(aot_rules.SMALL_BY_DESIGN, "_k", (9, "at least 9 programs"))
+    assert any("8 programs" in b for b in aot_rules.violations([small], [], []))
     too_tall = _rec(launches=[("_k", (4, 70_000, 1))], wave=False)
     assert any("past CUDA's limits" in b for b in aot_rules.violations([too_tall], [], []))
 

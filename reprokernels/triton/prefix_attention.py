@@ -127,6 +127,16 @@ def _load_tile(base, rows, cols, s_r, s_c, n_rows, n_cols, DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_keys(base, rows, cols, s_r, s_c, row_ok, n_cols, DOT: tl.constexpr):
+    """(len(rows), len(cols)) tile of sequence keys or values in DOT, zeros in every row that is not ``row_ok``:
+    unseen keys (padded, past kv_lengths) may hold NaN/inf, and a probability of 0 times NaN is still NaN, so
+    they are never loaded, only masking the scores would not do."""
+    ptrs = base + rows.to(tl.int64)[:, None] * s_r + cols[None, :] * s_c
+    t = tl.load(ptrs, mask=row_ok[:, None] & (cols < n_cols)[None, :], other=0.0)
+    return t.to(DOT)
+
+
+@triton.jit
 def _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM: tl.constexpr):
     """(BLOCK_N,) mask of the sequence keys n that exist and are not padded (kv_lengths folded into kvlen)."""
     ok = (n < Lk) & (n < kvlen)
@@ -234,11 +244,12 @@ def _pa_fwd_kernel(
     v_base = v_ptr + b * s_vb + kvh * s_vh
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + offs_n
-        valid = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)[None, :]
+        key_ok = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)
+        valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= m[:, None] + diag)
-        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, Lk, D, DOT))
-        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, Lk, D, DOT)
+        kT = tl.trans(_load_keys(k_base, n, offs_d, s_kn, s_kd, key_ok, D, DOT))
+        v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
 
     _store_out(o_ptr, lse_ptr, bh * Lq + m, m < Lq, acc, m_i, l_i, offs_d, D)
@@ -377,12 +388,13 @@ def _pa_decode_seq_kernel(
     v_base = v_ptr + b * s_vb + kvh * s_vh
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + offs_n
-        valid = (_seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM) & (n < n_hi))[None, :]
+        key_ok = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM) & (n < n_hi)
+        valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= i[:, None] + diag)
         # loads stop at n_hi (not at Lk): keys past kv_lengths[b] or in the next split are never fetched
-        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, n_hi, D, DOT))
-        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, n_hi, D, DOT)
+        kT = tl.trans(_load_keys(k_base, n, offs_d, s_kn, s_kd, key_ok, D, DOT))
+        v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
 
     if SPLIT:
@@ -490,15 +502,16 @@ def _pa_bwd_dkdv_kernel(
     kvh = bkv % Hkv
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(k_ptr + b * s_kb + kvh * s_kh, n, offs_d, s_kn, s_kd, Lk, D, DOT)
-    v = _load_tile(v_ptr + b * s_vb + kvh * s_vh, n, offs_d, s_vn, s_vd, Lk, D, DOT)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if HAS_KVLEN:
         kvlen = tl.minimum(tl.load(kvlen_ptr + b).to(tl.int32), Lk)
     else:
         kvlen = tl.cast(Lk, tl.int32)
     key_ok = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)
+    # unseen keys load as 0: their scores, dP and so dS are then finite and 0, and their dk, dv exactly 0
+    k = _load_keys(k_ptr + b * s_kb + kvh * s_kh, n, offs_d, s_kn, s_kd, key_ok, D, DOT)
+    v = _load_keys(v_ptr + b * s_vb + kvh * s_vh, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     diag = Lk - Lq
     if CAUSAL:  # the first query that sees key n0 is n0 - diag
         m_start = (tl.maximum(pid_n * BLOCK_N - diag, 0) // BLOCK_M) * BLOCK_M
@@ -668,11 +681,12 @@ def _pa_bwd_dq_kernel(
     v_base = v_ptr + b * s_vb + kvh * s_vh
     for n0 in range(0, n_end, BLOCK_N):
         n = n0 + offs_n
-        valid = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)[None, :]
+        key_ok = _seq_key_valid(kpm_ptr, kvlen, n, Lk, s_mb, s_mn, b, HAS_KPM)
+        valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= m[:, None] + diag)
-        k = _load_tile(k_base, n, offs_d, s_kn, s_kd, Lk, D, DOT)
-        v = _load_tile(v_base, n, offs_d, s_vn, s_vd, Lk, D, DOT)
+        k = _load_keys(k_base, n, offs_d, s_kn, s_kd, key_ok, D, DOT)
+        v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
         dq = _dq_step(dq, q, do, lse2, delta, k, v, valid, qk_scale)
 
     row = bh * Lq + m
@@ -854,6 +868,9 @@ _TILES_16 = {
 # registers, so the tiles are small and ptxas's register allocation swings widely between neighbouring tiles and
 # the two archs: each entry is the first tile of a sweep (larger tiles first) that compiles with no spill on
 # sm_80 and sm_90 and shared memory within sm_80's 163 KB (dq at d = 256 with 64 x 16 tiles needs 164 KB).
+# One exception, accepted: dq at d = 128 (32 x 16), causal with no other flag, spills 16 B (stores + loads) on
+# sm_90 with Triton 3.9; the next smaller tile halves each program's work for 16 B of local memory traffic per
+# thread. tools/aot_rules.py budgets exactly that (FP32_SPILL_BUDGET), so any growth fails CI.
 _FP32_TILES = {  # BLOCK_D: (BLOCK_M, BLOCK_N) per kernel of _KINDS; 8 warps (4 for "decode"), 2 stages
     32: ((64, 32), (64, 32), (32, 64), (64, 32), (32, 32), (64, 32), (32, 32)),
     64: ((64, 16), (64, 32), (32, 64), (64, 32), (32, 32), (64, 32), (32, 32)),
@@ -896,6 +913,12 @@ def _mask_args(key_padding_mask: torch.Tensor | None, dummy: torch.Tensor) -> tu
     return kpm, kpm.stride(0), kpm.stride(1)
 
 
+def _dense_index(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read task_ids / kv_lengths at ``ptr + b``: a (B,) copy for any other stride (an expanded,
+    stride-0 tensor would otherwise be read as if it were dense; B elements, no host sync)."""
+    return None if t is None else t.contiguous()
+
+
 def _num_prefix(prefix_k: torch.Tensor | None) -> int:
     return 0 if prefix_k is None else prefix_k.shape[-2]
 
@@ -910,6 +933,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
     Hkv, Lk = k.shape[1], k.shape[2]
     block_d = _check_head_dim(D)
     P = _num_prefix(prefix_k)
+    task_ids, kv_lengths = _dense_index(task_ids), _dense_index(kv_lengths)
     out = empty_output((B, Hq, Lq, D), q.dtype, q.device)
     lse = empty_output((B, Hq, Lq), torch.float32, q.device)
     if out.numel() == 0:
@@ -1021,6 +1045,7 @@ def prefix_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     G = Hq // Hkv
     block_d = _check_head_dim(D)
     P = _num_prefix(prefix_k)
+    task_ids, kv_lengths = _dense_index(task_ids), _dense_index(kv_lengths)
     dev = q.device
     need_pk = need_pk and prefix_k is not None
     need_pv = need_pv and prefix_v is not None
