@@ -15,7 +15,7 @@ import heapq
 import numpy as np
 import torch
 
-from .._validation import check_tensor
+from .._validation import _values_unreadable, check_tensor
 
 
 def _check_statistic(D: object, name: str = "D") -> torch.Tensor:
@@ -65,7 +65,7 @@ def greedy_label_mapping(D: torch.Tensor, m: int = 1) -> torch.Tensor:
         raise ValueError(f"D: {K_tgt} target classes x m={m} sources each need {K_tgt * m} distinct source classes, "
                          f"but D has only K_src={K_src} rows")
     shape = (K_tgt,) if m == 1 else (K_tgt, m)
-    if K_tgt == 0:
+    if K_tgt == 0 or D.device.type == "meta":  # (meta: FSDP2-style construction, a shape without values)
         return torch.empty(shape, dtype=torch.long, device=D.device)
     # float32/float64 compare exactly as they are; integers and half types go to float64 (exact below 2**53)
     wdt = D.dtype if D.dtype in (torch.float32, torch.float64) else torch.float64
@@ -183,7 +183,7 @@ def bayesian_label_mapping(D: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     if not lam >= 0.0:
         raise ValueError(f"lam: expected a Laplace smoothing >= 0, got {lam!r}")
     Dd = D.detach().to(torch.float64)
-    if Dd.numel() and not torch.compiler.is_compiling() and not bool((Dd >= 0).all()):
+    if Dd.numel() and not _values_unreadable(Dd) and not bool((Dd >= 0).all()):
         raise ValueError("D: expected a non-negative statistic (counts or probability mass), got negative or NaN "
                          "entries")
     den = Dd.sum(dim=1, keepdim=True) + lam

@@ -297,6 +297,10 @@ def _layout(t: torch.Tensor | None) -> tuple[tuple[int, ...], tuple[int, ...]] |
 
 def _common(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None, mean, std, spec: VPSpec) -> tuple:
     """Arguments shared by both kernels, and their flags."""
+    if spec.H * spec.W >= INT32_LIMIT:
+        # pixel indices within a plane (offs < H * W) are int32 in both kernels, IDX64 or not
+        raise ValueError(f"size: the triton backend needs a canvas of fewer than 2**31 pixels, got "
+                         f"{spec.H} x {spec.W} = {spec.H * spec.W}")
     h, w = x.shape[-2:]
     shared = delta.dim() == 3
     sd = (0, *delta.stride()) if shared else delta.stride()
