@@ -35,7 +35,6 @@ _MODULES = {
     "triton": "reprokernels.triton.visual_prompt",
     "cuda": "reprokernels.cuda.visual_prompt",
     "cpu": "reprokernels.cpu.visual_prompt",
-    "cpu": "reprokernels.cpu.visual_prompt",
 }
 
 
@@ -280,8 +279,11 @@ def visual_prompt(
     """Build the frozen model's input from the task's image and a learnable perturbation, in one pass.
 
     Args:
-        x: (B, C, h, w) images, float32/float16/bfloat16 (float64 on the reference backend), any strides.
-        delta: (C, H, W) perturbation shared by the batch, or (B, C, H, W) per sample; any float dtype.
+        x: (B, C, h, w) images, float32/float16/bfloat16 (float64 on the reference backend, which ``auto``
+            picks on CPU), any strides (stride 0 included).
+        delta: (C, H, W) perturbation shared by the batch, or (B, C, H, W) per sample; any float dtype on every
+            backend (rounded to the compute dtype). Where the mask is 0 delta is not read: it may hold anything
+            there, NaN included, and gets a zero gradient.
         size: the canvas (H, W); default delta's spatial size (which must equal it).
         resize: resize x to (h2, w2) first (``resize_mode`` bilinear/nearest, ``align_corners`` as in
             ``F.interpolate``); fused, the resized image is never materialised.
@@ -296,8 +298,11 @@ def visual_prompt(
         fill: canvas value outside the image, in pre-normalisation units.
 
     Returns:
-        (B, C, H, W) contiguous, in x's dtype. Gradients flow to delta (summed over the batch when shared),
-        to a tensor mask (reduced to its shape) and to x. Inputs are never written.
+        (B, C, H, W) contiguous, in x's dtype, computed in float32 (float64 when x is float64) whatever the
+        dtypes of delta, mask, mean and std. Gradients flow to delta (summed over the batch when shared), to a
+        tensor mask (reduced to its shape) and to x, each in its own dtype. Inputs are never written. NaN in
+        delta where the mask acts propagates (``clamp`` keeps it, like ``torch.clamp``). Meta tensors give
+        the output's shape on any backend. The contract: docs/contracts.md.
     """
     mask_t, mean_t, std_t, spec = prepare(
         x, delta, size=size, resize=resize, resize_mode=resize_mode, align_corners=align_corners, offset=offset,
