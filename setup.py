@@ -217,7 +217,10 @@ def _cpu_extension(strict: bool) -> tuple[Extension | None, str]:
     except ImportError:
         return None, ("skipped: pybind11 is missing at install time (with --no-build-isolation, "
                       "pip install \"pybind11>=2.10\" first)")
-    flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # -fno-trapping-math: without it GCC keeps every float compare-and-select as a branch (a compare could set an
+    # FP exception flag nobody reads), so no loop with a clamp, max or mask select vectorises. -fno-math-errno:
+    # the kernels never read errno. Neither changes a rounded result (no -ffast-math).
+    flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fno-trapping-math", "-fno-math-errno"]
     if strict:
         flags += ["-Wall", "-Wextra", "-Werror"]
     ext = Extension(

@@ -14,18 +14,18 @@ namespace {
 template <int DT>
 void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out, float* ls_out) {
   float m = -INFINITY;
-  bool nan = false;
+  std::int32_t nan = 0;
   if (sk == 1) {
-#pragma omp simd reduction(max : m) reduction(| : nan)
+#pragma omp simd reduction(max : m) reduction(+ : nan)
     for (std::int64_t k = 0; k < K; ++k) {
       const float v = load<DT>(x, base + k);
-      nan |= v != v;
+      nan += v != v;
       m = v > m ? v : m;
     }
   } else {
     for (std::int64_t k = 0; k < K; ++k) {
       const float v = load<DT>(x, base + k * sk);
-      nan |= v != v;
+      nan += v != v;
       m = v > m ? v : m;
     }
   }
