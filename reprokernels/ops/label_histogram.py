@@ -38,7 +38,6 @@ _MODULES = {
     "triton": "reprokernels.triton.label_histogram",
     "cuda": "reprokernels.cuda.label_histogram",
     "cpu": "reprokernels.cpu.label_histogram",
-    "cpu": "reprokernels.cpu.label_histogram",
 }
 # what the kernels read in place; narrower integer indices are widened to int32 first (B integers, no host sync)
 KERNEL_INDEX_DTYPES = (torch.int64, torch.int32)

@@ -28,7 +28,6 @@ _MODULES = {
     "triton": "reprokernels.triton.label_map",
     "cuda": "reprokernels.cuda.label_map",
     "cpu": "reprokernels.cpu.label_map",
-    "cpu": "reprokernels.cpu.label_map",
 }
 # what the kernels read in place; narrower integer mappings are widened to int32 first (a K_tgt x m copy)
 KERNEL_INDEX_DTYPES = (torch.int64, torch.int32)

@@ -29,7 +29,6 @@ _MODULES = {
     "triton": "reprokernels.triton.soft_prompt",
     "cuda": "reprokernels.cuda.soft_prompt",
     "cpu": "reprokernels.cpu.soft_prompt",
-    "cpu": "reprokernels.cpu.soft_prompt",
 }
 INT_DTYPES = INDEX_DTYPES
 
