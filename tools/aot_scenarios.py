@@ -207,6 +207,8 @@ def _coverage() -> list[Scenario]:
     add(Scenario("label_histogram", "prob_top1/bf16", False, _lh(256, 1000, 10, b16, "prob", topk=1)))
     add(Scenario("prefix_attention", "train_kpm_B2_H8_L512_P64_d128/bf16", False,
                  _pa_train(2, 8, 8, 512, 64, 128, b16, kpm=True)))
+    add(Scenario("prefix_attention", "train_kpm_B2_H8_L512_P64_d128/bf16+fp32prefix", False,
+                 _pa_train(2, 8, 8, 512, 64, 128, b16, prefix_dtype=f32, kpm=True)))
     add(Scenario("prefix_attention", "train_gqa_T4_B4_Hq16_Hkv4_L512_P64_d128/bf16", False,
                  _pa_train(4, 16, 4, 512, 64, 128, b16, T=4)))
     add(Scenario("prefix_attention", "decode_splitK_B1_Hq32_Hkv8_Lk4096_P2048_d128/bf16", False,

@@ -337,6 +337,8 @@ def label_histogram_accumulate(out: torch.Tensor, x: torch.Tensor, targets: torc
         splits = choose_splits(K, T, n_sblk, B)
     direct = splits == 1
     part = dummy if direct else empty_output((splits, T, K), torch.float32, dev)
+    # float32 prob + top-k on sm_90 with Triton 3.6 spills 40 B (stores + loads; 0 with 3.9): accepted and
+    # budgeted in tools/aot_rules.py, a memory-bound pass where 8 warps would halve the cells per thread for nothing
     _hist_kernel[hist_grid(K, T, splits, block_s)](
         out, part, x, pred, perm, starts, m, inv, thr, jstar, K, T, n_sblk, splits, sxb, sxs, *out.stride(),
         PROB=prob, TOPK=use_topk, DIRECT=direct, BLOCK_N=BLOCK_N, BLOCK_S=block_s, num_warps=4,
