@@ -384,7 +384,7 @@ def test_decode_prefix_split(B, Hq, Hkv, Lq, Lk, P, prefix, dtype, min_keys, own
 
 def loaded_bytes(traffic, t: torch.Tensor) -> tuple[int, int]:
     """(loaded, distinct loaded) bytes that fall inside t's storage. Reads the counter's recorded addresses
-    (tagged as address * 16 + element size, see shared/tools/triton_traffic.py)."""
+    (tagged as address * 16 + element size, see tests/traffic.py, the project's own counter)."""
     tagged = np.concatenate(traffic._load_addrs) if traffic._load_addrs else np.zeros(0, np.uint64)
     addr = tagged // np.uint64(16)
     lo = t.untyped_storage().data_ptr()

@@ -33,7 +33,11 @@ Forward
         laid out as one (B * G * Lq, d) matrix and multiplied by the un-expanded (P, d) prefix: one batched GEMM
         over the Hkv heads (a (T, Hkv, P, d) table: rows grouped by task, one batched GEMM per task present).
         Softmax in float32 (float64 inputs: float64).
-    Neither plan allocates anything of size B * P * d (tests/test_prefix_attention.py checks it).
+    Neither plan allocates anything of size B * P * d (tests/test_prefix_attention.py checks it). A prefix of
+        another dtype than q is rounded once to q's dtype before its products (the contract's promotion rule).
+    unseen keys: with a padding mask or kv_lengths, k and v are copied once with the unseen rows set to 0
+        (``_sanitize``) before any flash call, forward and backward: they may hold NaN/inf, which an additive
+        -inf mask alone would still multiply in (0 * NaN = NaN); their dk, dv come out exactly 0.
     merge, per chunk, straight into the contiguous output: lse = logaddexp(lse_p, lse_s), out = lerp(o_p, o_s,
         e^(lse_s - lse)) = e^(lse_s - lse) o_s + e^(lse_p - lse) o_p (the exact identity of
         :func:`reprokernels.reference.prefix_attention.merge_attention_states`, specialised to a finite prefix
@@ -60,7 +64,7 @@ import itertools
 
 import torch
 
-from ..reference.prefix_attention import compute_dtype, lse_dtype, sequence_keep
+from ..reference.prefix_attention import compute_dtype, key_valid, lse_dtype, sequence_keep, zero_invalid
 
 _NEG_INF = float("-inf")
 _FLASH_DTYPES = (torch.float32, torch.float64)
@@ -300,8 +304,17 @@ def _segments(task_ids: torch.Tensor | None, B: int, T: int):
     return order, segs
 
 
-def _prefix_of(prefix: torch.Tensor, t: int | None, cdt: torch.dtype) -> torch.Tensor:
-    return (prefix if t is None else prefix[t]).to(cdt)  # (Hkv, P, d): one task's, never the batch's
+def _prefix_of(prefix: torch.Tensor, t: int | None, q_dtype: torch.dtype, cdt: torch.dtype) -> torch.Tensor:
+    """(Hkv, P, d): one task's, never the batch's; rounded once to q's dtype (the contract), computed in cdt."""
+    return (prefix if t is None else prefix[t]).to(q_dtype).to(cdt)
+
+
+def _sanitize(k: torch.Tensor, v: torch.Tensor, key_padding_mask, kv_lengths):
+    """k, v with unseen keys (padded, or past kv_lengths) set to 0: they may hold NaN or inf, which the flash
+    kernels would multiply by their probability 0 (0 * NaN = NaN) in the forward and the backward. One
+    copy of k and v, only when a padding mask or kv_lengths is given."""
+    valid = key_valid(k.shape[0], k.shape[2], key_padding_mask, kv_lengths, k.device)
+    return zero_invalid(k, valid), zero_invalid(v, valid)
 
 
 def _gemm_prefix_forward(q, prefix_k, prefix_v, task_ids, scale, cdt):
@@ -316,10 +329,10 @@ def _gemm_prefix_forward(q, prefix_k, prefix_v, task_ids, scale, cdt):
     lse = torch.empty(Hkv, qg.shape[1], dtype=cdt, device=q.device)
     for t, start, count in segs:
         lo, hi = start * rows, (start + count) * rows
-        s = torch.bmm(qg[:, lo:hi], (_prefix_of(prefix_k, t, cdt) * scale).transpose(1, 2))
+        s = torch.bmm(qg[:, lo:hi], (_prefix_of(prefix_k, t, q.dtype, cdt) * scale).transpose(1, 2))
         m = torch.logsumexp(s, dim=-1)
         p = torch.exp_(s.sub_(m.unsqueeze(-1)))
-        torch.bmm(p, _prefix_of(prefix_v, t, cdt), out=o[:, lo:hi])
+        torch.bmm(p, _prefix_of(prefix_v, t, q.dtype, cdt), out=o[:, lo:hi])
         lse[:, lo:hi] = m
     o = _ungroup(o, B, Hq, Lq)
     lse = _ungroup(lse.unsqueeze(-1), B, Hq, Lq).squeeze(-1)
@@ -354,6 +367,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv
     has_prefix = prefix_k is not None and prefix_k.shape[-2] > 0
     if B == 0 or Lq == 0:
         return q.new_zeros(q.shape), torch.zeros(B, Hq, Lq, dtype=ldt, device=q.device)
+    k, v = _sanitize(k, v, key_padding_mask, kv_lengths)
     o_p = lse_p = None
     if has_prefix:
         if _flash_prefix(q, prefix_k):
@@ -483,7 +497,7 @@ def _gemm_prefix_backward(grad_out, q, prefix_k, prefix_v, task_ids, out, lse, s
     dpv = torch.zeros(prefix_v.shape, dtype=cdt, device=q.device) if need_pv else None
     for t, start, count in segs:
         lo, hi = start * rows, (start + count) * rows
-        pk, pv = _prefix_of(prefix_k, t, cdt), _prefix_of(prefix_v, t, cdt)
+        pk, pv = _prefix_of(prefix_k, t, q.dtype, cdt), _prefix_of(prefix_v, t, q.dtype, cdt)
         qs, gs = qg[:, lo:hi], gg[:, lo:hi]
         p = torch.exp_(torch.bmm(qs, (pk * scale).transpose(1, 2)).sub_(Lg[:, lo:hi]))  # (Hkv, n, P)
         if need_pv:
@@ -516,6 +530,7 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, k
     flash_prefix = has_prefix and _flash_prefix(q, prefix_k)
     parts, dk, dv = [], None, None
     if (need_q or need_k or need_v) and Lk > 0 and not empty:
+        k, v = _sanitize(k, v, key_padding_mask, kv_lengths)
         parts, dk, dv = _seq_backward(grad_out, q, k, v, out, lse, key_padding_mask, kv_lengths, causal, scale)
     # dq in q's dtype when every part computes in it, else float32/float64; each of its rows written once
     dq = torch.empty(q.shape, dtype=q.dtype if flash_prefix or not has_prefix else cdt, device=q.device) \

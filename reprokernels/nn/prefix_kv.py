@@ -22,7 +22,12 @@ into the cache after the model applied RoPE to its own keys), so they are positi
 positions 0 ... P-1, and the sequence's own tokens should then be numbered from P.
 
 Dtypes: parameters are float32 (master weights); the op accepts a prefix whose dtype differs from q's (a
-bf16 model) and returns its gradient in float32.
+bf16 model), rounds it to q's dtype for the products and returns its gradient in float32. A cache given to
+``from_kv_cache`` keeps its floating dtype (all layers, keys and values, one dtype and device).
+
+Edge inputs: P = 0 (``num_virtual_tokens=0``) is plain attention; modules built on the meta device give meta
+prefixes that the op turns into meta outputs (shapes only); every input edge of the op (strides, garbage in
+padded keys, index dtypes) is the op's contract (docs/contracts-attention.md).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._validation import check_float
 from ..ops.prefix_attention import prefix_attention
 
 
@@ -57,7 +63,8 @@ class PrefixKV(nn.Module):
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "num_virtual_tokens"
                                                                                  else 1):
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if projection_hidden is not None and (not isinstance(projection_hidden, int) or projection_hidden < 1):
+        ph = projection_hidden
+        if ph is not None and (not isinstance(ph, int) or isinstance(ph, bool) or ph < 1):
             raise ValueError(f"projection_hidden: expected None or a positive int, got {projection_hidden!r}")
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.num_virtual_tokens, self.num_tasks = num_virtual_tokens, num_tasks
@@ -90,6 +97,13 @@ class PrefixKV(nn.Module):
             if k.shape != ks[0].shape or v.shape != k.shape:
                 raise ValueError(f"keys/values: layer {i} has shapes {tuple(k.shape)} / {tuple(v.shape)}, expected "
                                  f"{tuple(ks[0].shape)} for both")
+            # one stacked buffer holds them all: a silent promotion of mixed dtypes would change the values the op
+            # rounds to q's dtype, and an integer cache is no prefix at all
+            for name, t in (("keys", k), ("values", v)):
+                check_float(t, f"{name}[{i}]")
+                if t.dtype != ks[0].dtype or t.device != ks[0].device:
+                    raise TypeError(f"{name}[{i}]: expected the dtype and device of keys[0] ({ks[0].dtype} on "
+                                    f"{ks[0].device}), got {t.dtype} on {t.device}")
         H, P, d = ks[0].shape
         self = cls(len(ks), H, d, P)
         self.prefix = None

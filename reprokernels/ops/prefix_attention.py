@@ -9,8 +9,18 @@ import math
 import torch
 
 from .._amp import no_autocast
-from .._backend import default_backend, register_op, resolve_backend
-from .._validation import KERNEL_DTYPES, check_float, check_index_range, check_ndim, check_same_device, check_tensor
+from .._backend import default_backend, register_op
+from .._validation import (
+    INDEX_DTYPES,
+    KERNEL_DTYPES,
+    check_float,
+    check_index_dtype,
+    check_index_range,
+    check_ndim,
+    check_same_device,
+    check_tensor,
+    resolve_backend_for,
+)
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
@@ -21,7 +31,6 @@ _MODULES = {
     "composite": "reprokernels.composite.prefix_attention",
     "triton": "reprokernels.triton.prefix_attention",
 }
-INDEX_DTYPES = (torch.int64, torch.int32)
 # the head dims the fused Triton kernels serve (kept here so choosing a backend never imports triton)
 TRITON_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 
@@ -38,9 +47,18 @@ torch.library.define(
 )
 
 
+def _kernel_prefix(prefix: torch.Tensor | None, q: torch.Tensor, backend: str) -> torch.Tensor | None:
+    """The triton kernels read float32/float16/bfloat16 prefixes. A float64 one is rounded to q's dtype (the
+    contract's one rounding) and held in float32, which the kernels' own cast to q's dtype then keeps exact."""
+    if backend != "triton" or prefix is None or prefix.dtype in KERNEL_DTYPES:
+        return prefix
+    return prefix.to(q.dtype).to(torch.float32)
+
+
 @torch.library.impl("reprokernels::prefix_attention_fwd", ["CPU", "CUDA"])
 def _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
     mod = importlib.import_module(_MODULES[backend])
+    prefix_k, prefix_v = _kernel_prefix(prefix_k, q, backend), _kernel_prefix(prefix_v, q, backend)
     with no_autocast(q.device):
         return mod.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal,
                                     scale)
@@ -55,10 +73,12 @@ def _fwd_fake(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_length
 def _bwd(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, out, lse, causal, scale,
          needs, backend):
     mod = importlib.import_module(_MODULES[backend])
+    kpk, kpv = _kernel_prefix(prefix_k, q, backend), _kernel_prefix(prefix_v, q, backend)
     with no_autocast(q.device):
-        grads = mod.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+        grads = mod.prefix_attention_backward(grad_out, q, k, v, kpk, kpv, task_ids, key_padding_mask,
                                               kv_lengths, out, lse, causal, scale, *needs)
-    return tuple(grad_out.new_empty((0,)) if t is None else t for t in grads)
+    like = (q, k, v, prefix_k, prefix_v)
+    return tuple(grad_out.new_empty((0,)) if t is None else t.to(x.dtype) for t, x in zip(grads, like, strict=True))
 
 
 @torch.library.register_fake("reprokernels::prefix_attention_bwd")
@@ -101,13 +121,17 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: int, what: str) -> None:
+def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: int, what: str) -> torch.Tensor:
+    """A (B,) index tensor of any integer dtype and strides -> contiguous int32/int64 (what every backend reads:
+    a kernel indexes it as a dense array; B elements, no host sync)."""
     check_tensor(t, name)
-    if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name}: expected an integer tensor (int64/int32), got {t.dtype}")
+    check_index_dtype(t, name, INDEX_DTYPES)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
     check_index_range(t, lo, hi, name, what)
+    if t.dtype not in (torch.int64, torch.int32):
+        t = t.to(torch.int32)
+    return t.contiguous()
 
 
 def prefix_attention(
@@ -134,12 +158,15 @@ def prefix_attention(
         prefix_k, prefix_v: (Hkv, P, d) shared by the batch, or (T, Hkv, P, d) a table of per-task prefixes
             chosen per row by ``task_ids`` (B,); both or neither (None: plain attention, as P = 0). Every query
             sees all P prefix keys. They may have another floating dtype than q (e.g. float32 master weights
-            with a bf16 model); their gradient comes back in their dtype, summed over the batch (per task).
-            The triton backend multiplies in q's dtype: a float32 prefix beside 16-bit q is rounded to it for
-            the tensor-core products, while its gradient accumulates in float32.
+            with a bf16 model, or float64): every backend rounds them once to q's dtype before the products
+            (float32 math; float64 for float64 q), and their gradient flows straight through that rounding,
+            accumulated in float32 (float64) and returned in the prefix's dtype, summed over the batch (per task).
         causal: among the sequence's own keys, bottom-right aligned: query i sees keys 0 ... Lk - Lq + i.
-        key_padding_mask: (B, Lk) bool, True = keep. Or ``kv_lengths`` (B,) int: keys >= kv_lengths[b] unseen
-            (decoding against a KV cache, Lq may be 1). Not both.
+        key_padding_mask: (B, Lk) bool, True = keep. Or ``kv_lengths`` (B,) integer (int64/int32/int16/int8/
+            uint8, any strides): keys >= kv_lengths[b] unseen (decoding against a KV cache, Lq may be 1). Not
+            both. Unseen keys and values may hold anything, NaN and inf included (a cache's unused slots): they
+            never reach the output, the LSE or a gradient, and their own gradients are exactly 0.
+        task_ids: (B,) integer tensor (any integer dtype, any strides; an index, never a mask) in [0, T).
         scale: the score multiplier, default 1 / sqrt(d).
         return_lse: also return the (B, Hq, Lq) LSE (natural log; float32, float64 for float64 q; -inf for a
             query that sees no key, whose output is 0). The LSE carries no gradient.
@@ -148,11 +175,17 @@ def prefix_attention(
 
     Returns:
         out (B, Hq, Lq, d) in q's dtype, or (out, lse). Differentiable in q, k, v, prefix_k, prefix_v.
+
+    Any strides are accepted, stride 0 (expanded tensors) included; empty sizes (B, Lq, Lk, P = 0) give empty or
+    well-defined results (no prefix and no key seen: O = 0, LSE = -inf); d = 0 is refused. Meta and fake tensors
+    give shapes and dtypes without reading values. The full contract: docs/contracts-attention.md.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(t, name)
         check_ndim(t, 4, name, "(B, H, L, d)")
     B, Hq, _, d = q.shape
+    if d == 0:
+        raise ValueError(f"q: expected a head dim d >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[0] != B or k.shape[3] != d:
@@ -180,7 +213,7 @@ def prefix_attention(
     if prefix_k is not None and prefix_k.dim() == 4:
         if task_ids is None:
             raise ValueError(f"task_ids: a (T, Hkv, P, d) prefix table needs task_ids (B={B},), got None")
-        _check_int(task_ids, "task_ids", (B,), 0, prefix_k.shape[0] - 1, "tasks of the prefix table")
+        task_ids = _check_int(task_ids, "task_ids", (B,), 0, prefix_k.shape[0] - 1, "tasks of the prefix table")
     elif task_ids is not None:
         raise ValueError("task_ids: only used with a (T, Hkv, P, d) prefix table")
     if key_padding_mask is not None and kv_lengths is not None:
@@ -192,11 +225,11 @@ def prefix_attention(
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"key_padding_mask: expected shape (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
     if kv_lengths is not None:
-        _check_int(kv_lengths, "kv_lengths", (B,), 0, Lk, "keys of each row")
+        kv_lengths = _check_int(kv_lengths, "kv_lengths", (B,), 0, Lk, "keys of each row")
     check_same_device(("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v),
                       ("task_ids", task_ids), ("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    chosen = resolve_backend(OP, backend, q.device)
+    chosen = resolve_backend_for(OP, backend, q.device)
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
         if backend == "auto" and default_backend() == "auto":
             chosen = "composite"  # auto's documented fallback for head dims the fused kernels do not serve
@@ -205,8 +238,6 @@ def prefix_attention(
                              "(backend='composite' serves any d)")
     if chosen == "triton":
         check_float(q, "q", KERNEL_DTYPES)
-        if prefix_k is not None:
-            check_float(prefix_k, "prefix_k", KERNEL_DTYPES)
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
     out, lse = PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths,
                                              bool(causal), scale, chosen)
@@ -218,9 +249,19 @@ def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Te
     """Exact merge of two partial attentions over disjoint key sets: (o, lse).
 
     o_a, o_b: (..., L, d), each normalised over its own keys; lse_a, lse_b: (..., L) their log-sum-exps.
-    lse = log(e^lse_a + e^lse_b), o = (e^lse_a o_a + e^lse_b o_b) / e^lse. A -inf partition gets weight 0;
-    two -inf give o = 0 and lse = -inf (no NaN, in the backward too). Differentiable in all four inputs
-    (plain PyTorch ops, so it composes with torch.compile).
+    lse = log(e^lse_a + e^lse_b), o = (e^lse_a o_a + e^lse_b o_b) / e^lse. Limits (no NaN from them, in the
+    backward either):
+
+    - a -inf partition has weight 0 and its o is never read (it may be NaN): o = the other's, gradient 0 to it;
+      two -inf give o = 0 and lse = -inf;
+    - a +inf partition beside a finite or -inf one: o = its o, lse = +inf; two +inf: o = (o_a + o_b) / 2
+      (equal weights, the limit of lse_a = lse_b -> +inf), lse = +inf; no gradient reaches the lse of such rows;
+    - finite lse up to the dtype's maximum never overflow; NaN lse (or NaN o with weight > 0) propagate.
+
+    Dtypes: o in ``torch.promote_types(o_a.dtype, o_b.dtype)``; lse float32, or float64 if either lse is float64;
+    math in float32, float64 if any input is float64. Broadcasting is not done: o_a and o_b share one shape and
+    each lse has it without the last dim. Meta tensors give shapes. Differentiable in all four inputs (plain
+    PyTorch ops, so it composes with torch.compile).
     """
     for name, t in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
         check_float(t, name)

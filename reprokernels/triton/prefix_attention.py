@@ -5,7 +5,11 @@ Semantics (DESIGN.md): every query sees all P prefix keys; among the sequence's 
 bottom-right aligned (query i of Lq sees keys j <= Lk - Lq + i); keys dropped by ``key_padding_mask``
 (True = keep) or at/after ``kv_lengths[b]`` are never seen (these conditions intersect: causal alignment is
 always relative to Lk). A query that sees nothing gets O = 0 and LSE = -inf, never NaN. LSE is natural-log
-float32. GQA/MQA: query head h reads kv head h // (Hq // Hkv).
+float32. GQA/MQA: query head h reads kv head h // (Hq // Hkv). Unseen keys may hold anything (NaN, inf: a KV
+cache's unused slots): every kernel loads their K/V tile rows under the key-validity mask (``_load_keys``, as 0),
+so they reach neither a score nor a product (masking only the scores would leave p = 0 times NaN in p @ V and
+in dP = dO V^T), and their dk, dv are exactly 0. task_ids / kv_lengths are read as dense (B,) arrays
+(``_dense_index``).
 
 Grids: every launch uses grid axis 0 alone, (prod of the factors below,), and the kernel unflattens its
 program id (``launch_grid``): CUDA caps axes 1 and 2 at 65,535, which B * Hq alone can pass. Index math that
@@ -93,7 +97,7 @@ prefix beside them is upcast exactly. Under TRITON_INTERPRET=1 bfloat16 dots are
 activations compute in float32.
 
 Tiles: ``_GPU_CONFIGS``, per kernel, 16-bit or float32 dots and BLOCK_D, checked ahead of time for sm_80 and
-sm_90 (shared/tools/triton_aot.py): shared memory within both archs' per-block limit and no register spills
+sm_90 (tools/aot_audit.py): shared memory within both archs' per-block limit and no register spills
 in the 16-bit kernels; float32 tiles are small because Triton's FMA dot holds a thread's whole rows of both
 operands in registers.
 
@@ -248,8 +252,13 @@ def _pa_fwd_kernel(
         valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= m[:, None] + diag)
-        kT = tl.trans(_load_keys(k_base, n, offs_d, s_kn, s_kd, key_ok, D, DOT))
-        v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
+        # K rows past kv_lengths are not loaded; a padded key's K may be garbage, but its score is replaced by
+        # -inf (a select), so only V needs the per-key mask: masking K too spilled 132 B at d = 128 on sm_80
+        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, kvlen, D, DOT))
+        if HAS_KPM:
+            v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
+        else:
+            v = _load_tile(v_base, n, offs_d, s_vn, s_vd, kvlen, D, DOT)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
 
     _store_out(o_ptr, lse_ptr, bh * Lq + m, m < Lq, acc, m_i, l_i, offs_d, D)
@@ -392,9 +401,13 @@ def _pa_decode_seq_kernel(
         valid = key_ok[None, :]
         if CAUSAL:
             valid = valid & (n[None, :] <= i[:, None] + diag)
-        # loads stop at n_hi (not at Lk): keys past kv_lengths[b] or in the next split are never fetched
-        kT = tl.trans(_load_keys(k_base, n, offs_d, s_kn, s_kd, key_ok, D, DOT))
-        v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
+        # loads stop at n_hi (not at Lk): keys past kv_lengths[b] or in the next split are never fetched; with a
+        # padding mask V is also masked per key (K's garbage only reaches scores, which the select replaces)
+        kT = tl.trans(_load_tile(k_base, n, offs_d, s_kn, s_kd, n_hi, D, DOT))
+        if HAS_KPM:
+            v = _load_keys(v_base, n, offs_d, s_vn, s_vd, key_ok, D, DOT)
+        else:
+            v = _load_tile(v_base, n, offs_d, s_vn, s_vd, n_hi, D, DOT)
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, kT, v, valid, qk_scale)
 
     if SPLIT:
@@ -844,7 +857,7 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> dict:
 
 # GPU tile configs, (kernel, 16 = float16/bfloat16 dots on tensor cores | 32 = exact float32 FMA dots, BLOCK_D)
 # -> (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked ahead of time for sm_80 and sm_90
-# (shared/tools/triton_aot.py) with every flag variant (causal or not, padding mask, kv_lengths, tasks, GQA) and a
+# (tools/aot_audit.py) with every flag variant (causal or not, padding mask, kv_lengths, tasks, GQA) and a
 # float32 prefix beside 16-bit activations: no register spill, shared memory within both archs' per-block
 # limits. Not timed on a GPU yet. The dk/dv and dq kernels use 8 warps at d = 128 where 4 spilled on sm_80 (the
 # accumulators of 4 warps took all 255 registers). Decode stage 1 uses BLOCK_M = 64 (32 at d = 256): at the
@@ -858,9 +871,9 @@ _TILES_16 = {
          (32, 64, 8, 2)),
     64: ((128, 64, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (128, 64, 8, 3), (32, 64, 4, 2), (64, 32, 4, 2),
          (32, 64, 8, 2)),
-    128: ((128, 64, 8, 2), (64, 64, 8, 3), (32, 128, 4, 2), (128, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 2),
+    128: ((128, 32, 8, 2), (64, 64, 8, 3), (32, 128, 4, 2), (128, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 2),
           (32, 64, 8, 2)),
-    256: ((64, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 32, 8, 1), (32, 32, 4, 2),
+    256: ((64, 32, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 8, 2), (16, 32, 8, 1), (32, 32, 8, 2),
           (16, 32, 8, 1)),
 }
 
@@ -868,14 +881,19 @@ _TILES_16 = {
 # registers, so the tiles are small and ptxas's register allocation swings widely between neighbouring tiles and
 # the two archs: each entry is the first tile of a sweep (larger tiles first) that compiles with no spill on
 # sm_80 and sm_90 and shared memory within sm_80's 163 KB (dq at d = 256 with 64 x 16 tiles needs 164 KB).
-# One exception, accepted: dq at d = 128 (32 x 16), causal with no other flag, spills 16 B (stores + loads) on
-# sm_90 with Triton 3.9; the next smaller tile halves each program's work for 16 B of local memory traffic per
-# thread. tools/aot_rules.py budgets exactly that (FP32_SPILL_BUDGET), so any growth fails CI.
+# The sweep was repeated with Triton 3.6 (the lent GPUs' version), whose ptxas input differs; no tile is clean
+# for every kernel, arch and version, so a few float32 kernels keep a small spill (bytes of spill stores + loads,
+# worst arch and version) rather than a tile that would multiply their memory traffic, e.g. decode stage 1 at
+# BLOCK_M = 16 reads the prefix four times as often as at 64: dq at d = 128 (32 x 16) 16 B on sm_90 (3.9);
+# stage 1 at d = 128 (64 x 16) 32 B on sm_80 (3.6) and at d = 256 56 B; dprefix at d = 256 (16 x 16) 40 B on
+# sm_80 (3.9). tools/aot_rules.py budgets exactly these (FP32_SPILL_BUDGET), so any growth fails CI.
+# 16-bit tiles at d = 128 / 256 were re-swept the same way: fwd 128 x 32 (128 x 64 spilled 160 B on sm_80 with a
+# padding mask and an fp32 prefix), dq 32 x 64 and 32 x 32 with 8 warps: 0 spills everywhere.
 _FP32_TILES = {  # BLOCK_D: (BLOCK_M, BLOCK_N) per kernel of _KINDS; 8 warps (4 for "decode"), 2 stages
-    32: ((64, 32), (64, 32), (32, 64), (64, 32), (32, 32), (64, 32), (32, 32)),
+    32: ((64, 16), (64, 32), (32, 64), (64, 32), (32, 32), (64, 32), (32, 32)),
     64: ((64, 16), (64, 32), (32, 64), (64, 32), (32, 32), (64, 32), (32, 32)),
-    128: ((32, 16), (64, 16), (32, 16), (32, 16), (32, 16), (32, 16), (16, 32)),
-    256: ((64, 16), (32, 16), (32, 16), (32, 16), (32, 16), (32, 16), (16, 32)),
+    128: ((32, 16), (64, 16), (32, 16), (32, 16), (32, 16), (32, 16), (16, 16)),
+    256: ((64, 16), (32, 16), (32, 16), (32, 16), (32, 16), (32, 16), (16, 16)),
 }
 _GPU_CONFIGS: dict[tuple[str, int, int], dict] = {}
 for _d in (32, 64, 128, 256):
