@@ -206,6 +206,81 @@ def test_visual_prompt_resize_is_unsupported():
     assert "resize='bilinear'" in _backend.cpu_supports("visual_prompt", ("dtype=float32", "resize=bilinear"))
 
 
+def test_visual_prompt_masked_delta_is_never_read():
+    """Where the mask is exactly 0, delta is not read (NaN / inf there change nothing) and its gradient is 0; a
+    tensor mask's own gradient there is still grad * g(delta) (contract: docs/contracts.md)."""
+    x = torch.rand(2, 3, 4, 4)
+    for squash in ("none", "sigmoid", "tanh"):
+        for delta_dtype in (torch.float32, torch.float16):
+            delta = torch.randn(3, 8, 8)
+            delta[:, 2:6, 2:6] = float("inf")  # under the image: mask 0 for "outside"
+            delta[:, 3, 3] = float("nan")
+            delta = delta.to(delta_dtype).requires_grad_()
+            out = rk.visual_prompt(x, delta, squash=squash, clamp=(0.0, 1.0), backend="cpu")
+            out.backward(torch.ones_like(out))
+            assert torch.isfinite(out).all() and torch.isfinite(delta.grad).all()
+            assert not delta.grad[:, 2:6, 2:6].any()
+            want = rk.visual_prompt(x, delta.detach(), squash=squash, clamp=(0.0, 1.0), backend="reference")
+            assert_close(out, want)
+    mask = torch.ones(1, 1, 8, 8)
+    mask[..., 0, :] = 0.0
+    delta = torch.randn(3, 8, 8)
+    delta[:, 0, :] = -float("inf")
+    delta.requires_grad_()
+    m = mask.clone().requires_grad_()
+    out = rk.visual_prompt(x, delta, mask=m, squash="sigmoid", backend="cpu")
+    out.backward(torch.ones_like(out))
+    assert torch.isfinite(out).all() and not delta.grad[:, 0].any()
+    assert torch.equal(m.grad[..., 0, :], torch.zeros_like(m.grad[..., 0, :]))  # sigmoid(-inf) = 0: grad * 0
+
+
+@pytest.mark.parametrize("case", ["B=0", "C=0", "h=0", "w=0"])
+def test_visual_prompt_degenerate_sizes(case):
+    B, C, h, w = (0 if f"{n}=0" == case else v for n, v in zip(("B", "C", "h", "w"), (2, 3, 4, 4), strict=True))
+    x, delta = torch.rand(B, C, h, w).requires_grad_(), torch.randn(C, 8, 8).requires_grad_()
+    outs = []
+    for backend in ("cpu", "reference"):
+        xx, dd = x.detach().clone().requires_grad_(), delta.detach().clone().requires_grad_()
+        out = rk.visual_prompt(xx, dd, squash="sigmoid", backend=backend)
+        out.backward(torch.ones_like(out))
+        outs.append((out, xx.grad, dd.grad))
+    for a, b in zip(*outs, strict=True):
+        assert a.shape == b.shape
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["B=0", "L=0", "P=0", "D=0", "V=0"])
+def test_soft_prompt_degenerate_sizes(case):
+    B, L, P, D, V = (0 if f"{n}=0" == case else v for n, v in zip("BLPDV", (3, 5, 2, 4, 10), strict=True))
+    L = 0 if case == "V=0" else L
+    prompt, emb = torch.randn(P, D).requires_grad_(), torch.randn(V, D)
+    ids, embeds = torch.randint(0, max(V, 1), (B, L)), torch.randn(B, L, D)
+    for backend_out in (
+        lambda b: rk.soft_prompt_concat(prompt, input_ids=ids, embedding_weight=emb, backend=b).inputs_embeds,
+        lambda b: rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend=b).inputs_embeds,
+    ):
+        got, want = backend_out("cpu"), backend_out("reference")
+        assert got.shape == want.shape
+        assert_close(got, want)
+        (g,) = torch.autograd.grad(got.sum(), prompt, allow_unused=True, materialize_grads=True)
+        (r,) = torch.autograd.grad(want.sum(), prompt, allow_unused=True, materialize_grads=True)
+        assert_close(g, r)
+
+
+def test_label_map_degenerate_sizes():
+    x = torch.randn(5, 7, requires_grad=True)
+    for mapping in (torch.zeros(0, 2, dtype=torch.long), torch.zeros(3, 0, dtype=torch.long), torch.rand(7, 0)):
+        for input in ("logits", "probs", "log_probs"):
+            got = rk.label_map(x, mapping, input=input, backend="cpu")
+            want = rk.label_map(x, mapping, input=input, backend="reference")
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert_close(got, want)
+            (gx,) = torch.autograd.grad(got.sum(), x)
+            assert_close(gx, torch.zeros_like(gx))
+    got = rk.label_map(torch.randn(0, 7), torch.tensor([1, 2]), input="probs", backend="cpu")
+    assert got.shape == (0, 2)
+
+
 # ---------------------------------------------------------------- label_histogram
 
 @pytest.mark.parametrize("dtype", DTYPES)

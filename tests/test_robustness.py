@@ -1,5 +1,6 @@
 """Hostile and edge inputs for visual_prompt, soft_prompt_concat, label_map, label_histogram and the nn modules,
-on every backend that runs on a CPU: reference, triton (interpreter), cuda (host emulation), auto.
+on every backend that runs on a CPU: reference, triton (interpreter), cuda (host emulation), cpu (the C++/OpenMP
+module, where built), auto.
 
 Each case either gives the reference's result on every backend or an error that names the argument, the same
 on every backend. The contract these tests hold the code to is written in docs/contracts.md.
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import reprokernels as rk
-from reprokernels import _backend, _cuda
+from reprokernels import _backend, _cpu, _cuda
 from reprokernels.cuda import label_histogram as cu_lh
 from reprokernels.cuda import label_map as cu_lm
 from reprokernels.cuda import soft_prompt as cu_sp
@@ -80,8 +81,23 @@ def _cuda_param():
     return pytest.param("cuda")
 
 
-BACKENDS = ["reference", triton_param("visual_prompt"), _cuda_param(), "auto"]
-BACKEND_NAMES = ["reference", "triton", "cuda", "auto"]
+def _cpu_param():
+    if not _cpu.available():
+        return pytest.param("cpu", marks=pytest.mark.skip(reason=f"cpu backend not built: {_cpu.unavailable_reason()}"))
+    return pytest.param("cpu")
+
+
+BACKENDS = ["reference", triton_param("visual_prompt"), _cuda_param(), _cpu_param(), "auto"]
+BACKEND_NAMES = ["reference", "triton", "cuda", "cpu", "auto"]
+
+
+def runnable(backend: str) -> bool:
+    """Whether ``backend`` runs here (the cuda host emulation needs _C, the cpu backend _C_cpu)."""
+    if backend == "cuda":
+        return _cuda.extension_built()
+    if backend == "cpu":
+        return _cpu.available()
+    return True
 
 
 def on(backend: str, fn):
@@ -94,7 +110,7 @@ def results(fn, backends=None):
     """{backend: fn(backend) or the exception} for every runnable backend."""
     out = {}
     for b in backends or BACKEND_NAMES:
-        if b == "cuda" and not _cuda.extension_built():
+        if not runnable(b):
             continue
         try:
             out[b] = on(b, fn)
@@ -523,7 +539,7 @@ def test_lh_overlapping_out_is_refused_everywhere(out, batch):
 def test_lh_empty_batch_leaves_out_unchanged():
     out = torch.arange(15, dtype=torch.float32).reshape(5, 3)
     for b in BACKEND_NAMES:
-        if b == "cuda" and not _cuda.extension_built():
+        if not runnable(b):
             continue
         before = out.clone()
         on(b, lambda b: rk.label_histogram(torch.randn(0, 5), torch.zeros(0, dtype=torch.uint8), 5, 3, out=out,

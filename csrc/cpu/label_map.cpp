@@ -270,8 +270,8 @@ bool bad(const LabelMapParams& p) {
   }
 
 int label_map_fwd(const LabelMapParams& p) {
-  if (bad(p) || (p.B && p.T && !p.out) || (p.input && p.B && !p.lse) || (p.M && !p.mapping) || p.map_dtype < 0 ||
-      p.map_dtype > 1)
+  if (bad(p) || (p.B && p.T && !p.out) || (p.input && p.B && !p.lse) || (p.M && p.T && !p.mapping) ||
+      p.map_dtype < 0 || p.map_dtype > 1)
     return 1;
   RK_DISPATCH(index_fwd, p);
   return 0;
@@ -279,7 +279,7 @@ int label_map_fwd(const LabelMapParams& p) {
 
 int label_map_bwd(const LabelMapParams& p) {
   if (bad(p) || (p.B && p.K && !p.dx) || (p.input && p.B && !p.lse) || (p.input == 1 && p.B && p.T && !p.out) ||
-      (p.B && p.T && !p.grad) || (p.M && !p.mapping))
+      (p.B && p.T && !p.grad) || (p.M && p.T && !p.mapping))
     return 1;
   RK_DISPATCH(index_bwd, p);
   return 0;

@@ -137,7 +137,11 @@ bool codes_ok(const SoftPromptParams& p) {
 }  // namespace
 
 int soft_prompt_fwd(const SoftPromptParams& p) {
-  if (!codes_ok(p) || !p.out || !p.prompt || !p.tokens || (p.from_ids && (!p.ids || p.V < 1))) return 1;
+  // A pointer is needed only where something is read: no prompt rows for P = 0, no tokens for L = 0 (then V may
+  // be 0 too), nothing at all for an empty output.
+  if (!codes_ok(p)) return 1;
+  if (p.B == 0 || p.D == 0 || p.P + p.L == 0) return 0;
+  if (!p.out || (p.P && !p.prompt) || (p.L && !p.tokens) || (p.L && p.from_ids && (!p.ids || p.V < 1))) return 1;
   switch (p.prompt_dtype) {
     case F32: fwd_p<F32>(p); break;
     case F16: fwd_p<F16>(p); break;
@@ -147,7 +151,7 @@ int soft_prompt_fwd(const SoftPromptParams& p) {
 }
 
 int soft_prompt_bwd(const SoftPromptParams& p) {
-  if (!codes_ok(p) || !p.grad) return 1;
+  if (!codes_ok(p) || (!p.grad && p.B * (p.P + p.L) * p.D > 0)) return 1;  // B = 0: d prompt is zeros
   switch (p.grad_dtype) {
     case F32: bwd<F32>(p); break;
     case F16: bwd<F16>(p); break;

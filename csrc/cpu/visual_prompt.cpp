@@ -47,7 +47,8 @@ struct Ctx {
     for (std::int64_t j = 0; j < p.W; ++j) {
       const float g = g_at(b, c, i, j);
       if (gr) gr[j] = g;
-      pr[j] = m_at(b, c, i, j) * g;
+      const float m = m_at(b, c, i, j);
+      pr[j] = m == 0.0f ? 0.0f : m * g;  // where the mask is 0, delta is never read (NaN/inf there: no effect)
     }
   }
 };
@@ -158,7 +159,8 @@ void grad_row(const Ctx& ctx, std::int64_t b, std::int64_t c, std::int64_t i, fl
         const std::int64_t jj = j - p.left;
         const bool in = ii >= 0 && ii < p.h && jj >= 0 && jj < p.w;
         const float canvas = in ? load<DT>(x, b * p.x_sb + c * p.x_sc + ii * p.x_sh + jj * p.x_sw) : p.fill;
-        const float v = canvas + ctx.m_at(b, c, i, j) * g[j];
+        const float m = ctx.m_at(b, c, i, j);
+        const float v = canvas + (m == 0.0f ? 0.0f : m * g[j]);
         keep = gv * ((v >= p.clamp_lo && v <= p.clamp_hi) ? 1.0f : 0.0f);
       }
       gt[j] = keep;
@@ -211,7 +213,8 @@ void bwd(const VisualPromptParams& p) {
           }
           if (dd) {
             for (std::int64_t j = 0; j < W; ++j) {
-              const float v = gt[j] * ctx.m_at(b, c, i, j) * dsquash(p.squash, g[j]);
+              const float m = ctx.m_at(b, c, i, j);
+              const float v = m == 0.0f ? 0.0f : gt[j] * m * dsquash(p.squash, g[j]);
               if (p.delta_per_sample) store_any(p.delta_dtype, dd, ((b * C + c) * H + i) * W + j, v);
               else acc[j] += v;
             }
@@ -248,8 +251,9 @@ void bwd(const VisualPromptParams& p) {
 
 bool bad(const VisualPromptParams& p) {
   return p.x_dtype < 0 || p.x_dtype > 2 || p.delta_dtype < 0 || p.delta_dtype > 2 || p.squash < 0 ||
-         p.squash > 2 || p.order < 0 || p.order > 1 || !p.delta || !p.x || p.B < 0 || p.C < 0 || p.H < 1 ||
-         p.W < 1 || p.h < 0 || p.w < 0 || p.top < 0 || p.left < 0 || p.top + p.h > p.H || p.left + p.w > p.W ||
+         p.squash > 2 || p.order < 0 || p.order > 1 || !p.delta || (!p.x && p.B * p.C * p.h * p.w > 0) || p.B < 0 ||
+         p.C < 0 || p.H < 1 || p.W < 1 || p.h < 0 || p.w < 0 || p.top < 0 || p.left < 0 || p.top + p.h > p.H ||
+         p.left + p.w > p.W ||
          (p.mask && (p.Hm < 1 || p.Wm < 1 || p.H % p.Hm || p.W % p.Wm));
 }
 
