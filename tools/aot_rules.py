@@ -35,6 +35,7 @@ FP32_SPILL_BUDGET: dict[str, int] = {  # worst arch and Triton version (3.9, and
     "_pa_bwd_dq_kernel": 16,        # d = 128, sm_90, 3.9: see _FP32_TILES in triton/prefix_attention.py
     "_pa_prefix_state_kernel": 56,  # decode stage 1, d = 128 / 256, sm_80, 3.6: same place
     "_pa_bwd_dprefix_kernel": 40,   # d = 256, sm_80, 3.9: same place
+    "_pa_decode_seq_kernel": 16,    # decode pass 2, d = 64, sm_90, 3.6: same place
     "_hist_kernel": 40,             # prob + top-k, sm_90, 3.6: at its launch in triton/label_histogram.py
     "_vp_bwd_kernel": 32,           # tensor mask, sm_80, 3.6: at its launch in triton/visual_prompt.py
 }

@@ -886,7 +886,8 @@ _TILES_16 = {
 # worst arch and version) rather than a tile that would multiply their memory traffic, e.g. decode stage 1 at
 # BLOCK_M = 16 reads the prefix four times as often as at 64: dq at d = 128 (32 x 16) 16 B on sm_90 (3.9);
 # stage 1 at d = 128 (64 x 16) 32 B on sm_80 (3.6) and at d = 256 56 B; dprefix at d = 256 (16 x 16) 40 B on
-# sm_80 (3.9). tools/aot_rules.py budgets exactly these (FP32_SPILL_BUDGET), so any growth fails CI.
+# sm_80 (3.9); decode pass 2 at d = 64 16 B on sm_90 (3.6). tools/aot_rules.py budgets exactly these
+# (FP32_SPILL_BUDGET), so any growth fails CI.
 # 16-bit tiles at d = 128 / 256 were re-swept the same way: fwd 128 x 32 (128 x 64 spilled 160 B on sm_80 with a
 # padding mask and an fp32 prefix), dq 32 x 64 and 32 x 32 with 8 warps: 0 spills everywhere.
 _FP32_TILES = {  # BLOCK_D: (BLOCK_M, BLOCK_N) per kernel of _KINDS; 8 warps (4 for "decode"), 2 stages
