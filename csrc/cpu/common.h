@@ -11,6 +11,23 @@
 #include <omp.h>
 #endif
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// Function multiversioning of the hot row loops: GCC compiles each RK_CLONES function for AVX-512F, AVX2 and the
+// portable baseline and picks one at load time (an ifunc resolver reading cpuid), so the default build stays
+// portable (no -march=native) and still runs 16 / 8 lanes where the CPU has them. Only functions without an
+// OpenMP parallel region inside get it (the outlined parallel body would not be cloned); they are called from the
+// parallel loops. -std=c++17 keeps -ffp-contract=off, so the clones differ only in the lane count of a
+// vectorised reduction (the same bits for any thread count on one machine). GCC on x86-64 Linux (glibc ifunc)
+// only; elsewhere, or with -DRK_NO_CLONES, the baseline alone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(RK_NO_CLONES)
+#define RK_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#else
+#define RK_CLONES
+#endif
+
 namespace rkcpu {
 
 enum Dtype : std::int32_t { F32 = 0, F16 = 1, BF16 = 2 };
@@ -131,5 +148,22 @@ inline float fast_exp(float x) {
 }
 
 inline int threads_of(std::int32_t t) { return t > 0 ? t : 1; }
+
+// A large fresh output (a new mmap from the allocator, not yet touched) costs more in first-touch page faults than
+// in writes: about 30 ms for 77 MB on 4 KiB pages. Asking for transparent huge pages on it (what PyTorch itself
+// does with THP_MEM_ALLOC_ENABLE=1) makes the faults 2 MiB ones. Only a hint: no effect where THP is "never",
+// none needed where it is "always", never an error; page-aligned interior of buffers of 8 MiB or more only.
+inline void advise_huge(void* p, std::int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr std::uintptr_t kHuge = std::uintptr_t(1) << 21;
+  if (!p || bytes < (std::int64_t(8) << 20)) return;
+  const std::uintptr_t b = (reinterpret_cast<std::uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const std::uintptr_t e = (reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 }  // namespace rkcpu

@@ -13,6 +13,46 @@
 namespace rkcpu {
 namespace {
 
+// torch.argmax of one row: the first maximum, or the first NaN if any. One vectorised sweep for the max and a NaN
+// flag (no early exit, which would keep the loop scalar), then a sweep in blocks of 64 for the first element equal
+// to it (or the first NaN): each block is tested with a vector reduction, and only the block holding it element by
+// element.
+template <int DT>
+RK_CLONES std::int64_t row_argmax(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K) {
+  float m = -INFINITY;
+  std::int32_t nan = 0;
+  if (sk == 1) {
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  }
+  constexpr std::int64_t KB = 64;
+  for (std::int64_t k0 = 0; k0 < K; k0 += KB) {
+    const std::int64_t k1 = k0 + KB < K ? k0 + KB : K;
+    std::int32_t hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (std::int64_t k = k0; k < k1; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      hit |= nan ? v != v : v == m;
+    }
+    if (!hit) continue;
+    for (std::int64_t k = k0; k < k1; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      if (nan ? v != v : v == m) return k;
+    }
+  }
+  return 0;  // not reached: the maximum (or a NaN) is an element of the row
+}
+
 template <int DT>
 void run(const LabelHistogramParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
@@ -29,18 +69,7 @@ void run(const LabelHistogramParams& p) {
       for (std::int64_t b = 0; b < B; ++b) pred[b] = load_index(p.pred_dtype, x, b * p.x_sb);
     } else {
 #pragma omp parallel for schedule(static) num_threads(nt)
-      for (std::int64_t b = 0; b < B; ++b) {
-        std::int64_t best = 0;
-        float bv = load<DT>(x, b * p.x_sb);
-        for (std::int64_t k = 1; k < K && bv == bv; ++k) {
-          const float v = load<DT>(x, b * p.x_sb + k * p.x_sk);
-          if (v > bv || v != v) {
-            bv = v;
-            best = k;
-          }
-        }
-        pred[b] = best;
-      }
+      for (std::int64_t b = 0; b < B; ++b) pred[b] = row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
     }
     for (std::int64_t b = 0; b < B; ++b)
       if (in_range(pred[b], y[b])) out[pred[b] * p.out_sk + y[b] * p.out_st] += 1.0f;

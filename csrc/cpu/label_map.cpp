@@ -12,7 +12,8 @@ namespace {
 
 // Row statistics (max, log sum exp(x - max)) of one row, float32. Two sweeps over a row that stays in cache.
 template <int DT>
-void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out, float* ls_out) {
+RK_CLONES void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out,
+                         float* ls_out) {
   float m = -INFINITY;
   std::int32_t nan = 0;
   if (sk == 1) {
@@ -40,6 +41,22 @@ void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K
   }
   *m_out = m;
   *ls_out = std::log(s);
+}
+
+// dx row = -softmax(x) * S in one streaming pass (x == null: zeros, the logits input's row).
+template <int DT>
+RK_CLONES void softmax_row(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float m, float ls,
+                           float S, void* dx, std::int64_t obase) {
+  if (!x) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, 0.0f);
+  } else if (sk == 1) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k) - m - ls) * S));
+  } else {
+    for (std::int64_t k = 0; k < K; ++k)
+      store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k * sk) - m - ls) * S));
+  }
 }
 
 std::int64_t map_at(const LabelMapParams& p, std::int64_t t, std::int64_t j) {
@@ -120,6 +137,7 @@ void index_bwd(const LabelMapParams& p) {
     }
   std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
   const std::int64_t K = p.K;
+  advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
 #pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
   for (std::int64_t b = 0; b < p.B; ++b) {
     const std::int64_t base = b * p.x_sb, obase = b * K;
@@ -130,16 +148,7 @@ void index_bwd(const LabelMapParams& p) {
       ls = lse[2 * b + 1];
       for (std::int64_t t = 0; t < p.T; ++t) S += gt(t) * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
     }
-    if (p.input == 0) {
-#pragma omp simd
-      for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, 0.0f);
-    } else if (p.x_sk == 1) {
-#pragma omp simd
-      for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k) - m - ls) * S));
-    } else {
-      for (std::int64_t k = 0; k < K; ++k)
-        store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k * p.x_sk) - m - ls) * S));
-    }
+    softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
     for (std::size_t e = 0; e < entries.size();) {
       const std::int64_t k = entries[e].col;
       float c = 0.0f;

@@ -44,6 +44,7 @@ void fwd(const SoftPromptParams& p) {
   void* out = reinterpret_cast<void*>(p.out);
   const std::int64_t PL = p.P + p.L, D = p.D;
   const bool scaled = p.embed_scale != 1.0f;
+  advise_huge(out, p.B * PL * D * (TDT == F32 ? 4 : 2));
 #pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
   for (std::int64_t r = 0; r < p.B * PL; ++r) {
     const std::int64_t b = r / PL, j = r % PL;
@@ -108,6 +109,7 @@ void bwd(const SoftPromptParams& p) {
   }
   if (p.dembeds) {
     void* de = reinterpret_cast<void*>(p.dembeds);
+    advise_huge(de, B * L * D * (GDT == F32 ? 4 : 2));
     const bool scaled = p.embed_scale != 1.0f;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (std::int64_t r = 0; r < B * L; ++r) {

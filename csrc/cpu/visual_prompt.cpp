@@ -53,6 +53,54 @@ struct Ctx {
   }
 };
 
+constexpr std::int64_t elem_size(int dt) { return dt == F32 ? 4 : 2; }
+
+// One canvas row of the forward: fill or the image row, plus the prompt row pr, clamped, normalised, stored.
+struct RowFwd {
+  const float* pr = nullptr;
+  const void* x = nullptr;  // the image row (element 0 = canvas column j0), in DT or float32 (x_f32)
+  void* out = nullptr;      // the output row, DT
+  std::int64_t W = 0, j0 = 0, j1 = 0;  // image columns [j0, j1); j0 == j1: no image on this row
+  float fill = 0.0f, lo = 0.0f, hi = 0.0f, mu = 0.0f, sd = 1.0f;
+  int x_f32 = 0;
+};
+using RowFwdFn = void (*)(const RowFwd&);
+
+template <bool PRE, bool CLAMP>
+inline float finish(float canvas, float prompt, float lo, float hi, float mu, float sd) {
+  float v;
+  if constexpr (PRE) {
+    v = canvas + prompt;
+    if constexpr (CLAMP) v = v < lo ? lo : (v > hi ? hi : v);  // NaN stays NaN (both compares false)
+    v = (v - mu) / sd;
+  } else {
+    v = (canvas - mu) / sd + prompt;
+  }
+  return v;
+}
+
+template <int DT, bool PRE, bool CLAMP>
+RK_CLONES void fwd_row(const RowFwd& a) {
+  const float* pr = a.pr;
+  void* out = a.out;
+  const float fill = a.fill, lo = a.lo, hi = a.hi, mu = a.mu, sd = a.sd;
+  const std::int64_t j0 = a.j0, j1 = a.j1, W = a.W;
+#pragma omp simd
+  for (std::int64_t j = 0; j < j0; ++j) store<DT>(out, j, finish<PRE, CLAMP>(fill, pr[j], lo, hi, mu, sd));
+  if (a.x_f32) {
+    const float* x = static_cast<const float*>(a.x) - j0;
+#pragma omp simd
+    for (std::int64_t j = j0; j < j1; ++j) store<DT>(out, j, finish<PRE, CLAMP>(x[j], pr[j], lo, hi, mu, sd));
+  } else {
+    const void* x = a.x;
+#pragma omp simd
+    for (std::int64_t j = j0; j < j1; ++j)
+      store<DT>(out, j, finish<PRE, CLAMP>(load<DT>(x, j - j0), pr[j], lo, hi, mu, sd));
+  }
+#pragma omp simd
+  for (std::int64_t j = j1; j < W; ++j) store<DT>(out, j, finish<PRE, CLAMP>(fill, pr[j], lo, hi, mu, sd));
+}
+
 template <int DT>
 void fwd(const VisualPromptParams& p) {
   const std::int64_t B = p.B, C = p.C, H = p.H, W = p.W;
@@ -81,12 +129,14 @@ void fwd(const VisualPromptParams& p) {
   }
   const void* x = reinterpret_cast<const void*>(p.x);
   void* out = reinterpret_cast<void*>(p.out);
+  advise_huge(out, B * C * H * W * elem_size(DT));
   const bool pre = p.order == 0, clamp = p.has_clamp != 0;
-  const float lo = p.clamp_lo, hi = p.clamp_hi;
+  const RowFwdFn row_fn = pre ? (clamp ? &fwd_row<DT, true, true> : &fwd_row<DT, true, false>)
+                              : &fwd_row<DT, false, false>;
   const std::int64_t j0 = p.left, j1 = p.left + p.w;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> buf(cached ? 0 : W);
+    std::vector<float> buf(cached ? 0 : W), xrow(p.x_sw == 1 ? 0 : p.w);
 #pragma omp for schedule(static)
     for (std::int64_t r = 0; r < B * C * H; ++r) {
       const std::int64_t b = r / (C * H), c = (r / H) % C, i = r % H;
@@ -97,44 +147,29 @@ void fwd(const VisualPromptParams& p) {
         ctx.prompt_row(b, c, i, buf.data(), nullptr);
         pr = buf.data();
       }
-      const float mu = mean ? mean[c] : 0.0f, s = sd ? sd[c] : 1.0f;
-      const bool has_mean = mean != nullptr, has_std = sd != nullptr;
-      auto finish = [&](float canvas, float prompt) {
-        float v;
-        if (pre) {
-          v = canvas + prompt;
-          if (clamp) v = v < lo ? lo : (v > hi ? hi : v);
-          if (has_mean) v = v - mu;
-          if (has_std) v = v / s;
-        } else {
-          v = canvas;
-          if (has_mean) v = v - mu;
-          if (has_std) v = v / s;
-          v = v + prompt;
-        }
-        return v;
-      };
-      const std::int64_t obase = r * W;
+      RowFwd a;
+      a.pr = pr;
+      a.W = W;
+      a.fill = p.fill;
+      a.lo = p.clamp_lo;
+      a.hi = p.clamp_hi;
+      a.mu = mean ? mean[c] : 0.0f;  // v - 0 and v / 1 are exact: no flags needed
+      a.sd = sd ? sd[c] : 1.0f;
+      a.out = static_cast<char*>(out) + r * W * elem_size(DT);
       const std::int64_t ii = i - p.top;
-      const bool img_row = ii >= 0 && ii < p.h;
-      const float fill = p.fill;
-      if (!img_row) {
-#pragma omp simd
-        for (std::int64_t j = 0; j < W; ++j) store<DT>(out, obase + j, finish(fill, pr[j]));
-        continue;
+      if (ii >= 0 && ii < p.h && p.w > 0) {
+        a.j0 = j0;
+        a.j1 = j1;
+        const std::int64_t xbase = b * p.x_sb + c * p.x_sc + ii * p.x_sh;
+        if (p.x_sw == 1) {
+          a.x = static_cast<const char*>(x) + xbase * elem_size(DT);
+        } else {  // a strided image row: gathered once into float32, then the same row code
+          for (std::int64_t jj = 0; jj < p.w; ++jj) xrow[jj] = load<DT>(x, xbase + jj * p.x_sw);
+          a.x = xrow.data();
+          a.x_f32 = 1;
+        }
       }
-#pragma omp simd
-      for (std::int64_t j = 0; j < j0; ++j) store<DT>(out, obase + j, finish(fill, pr[j]));
-      const std::int64_t xbase = b * p.x_sb + c * p.x_sc + ii * p.x_sh - j0 * p.x_sw;
-      if (p.x_sw == 1) {
-#pragma omp simd
-        for (std::int64_t j = j0; j < j1; ++j) store<DT>(out, obase + j, finish(load<DT>(x, xbase + j), pr[j]));
-      } else {
-        for (std::int64_t j = j0; j < j1; ++j)
-          store<DT>(out, obase + j, finish(load<DT>(x, xbase + j * p.x_sw), pr[j]));
-      }
-#pragma omp simd
-      for (std::int64_t j = j1; j < W; ++j) store<DT>(out, obase + j, finish(fill, pr[j]));
+      row_fn(a);
     }
   }
 }
@@ -178,6 +213,141 @@ inline float dsquash(int kind, float g) {
   return 1.0f;
 }
 
+// One canvas row of one sample in the backward with a shared delta and mask: d placed image (dx, image columns
+// only) and the prompt term's gradient added into acc (summed over the batch in sample order by the caller).
+struct RowBwd {
+  const void* g = nullptr;   // the output gradient row, DT, contiguous
+  const void* x = nullptr;   // the image row as in RowFwd (read only with a clamp)
+  void* dx = nullptr;        // the dx row (w elements) or null
+  const float* pm = nullptr; // the prompt m * g(delta) of the row (read only with a clamp)
+  float* acc = nullptr;
+  std::int64_t W = 0, j0 = 0, j1 = 0;
+  float fill = 0.0f, lo = 0.0f, hi = 0.0f, inv = 1.0f;
+  int x_f32 = 0;
+};
+using RowBwdFn = void (*)(const RowBwd&);
+
+// (gt, gp): the gradient w.r.t. the prompt term and w.r.t. the placed image at one element (the reference's rule;
+// the clamp's pass-through is a multiplication by 0/1, so a NaN gradient stays NaN as in the reference).
+template <bool PRE, bool CLAMP>
+inline void grads(float go, float canvas, float pm, float lo, float hi, float inv, float& gt, float& gp) {
+  const float gv = go * inv;
+  if constexpr (PRE) {
+    float keep = gv;
+    if constexpr (CLAMP) {
+      const float v = canvas + pm;
+      keep = gv * ((v >= lo && v <= hi) ? 1.0f : 0.0f);
+    }
+    gt = keep;
+    gp = keep;
+  } else {
+    gt = go;
+    gp = gv;
+  }
+}
+
+template <int DT, bool PRE, bool CLAMP>
+RK_CLONES void bwd_row(const RowBwd& a) {
+  const void* g = a.g;
+  const float* pm = a.pm;
+  float* acc = a.acc;
+  const float fill = a.fill, lo = a.lo, hi = a.hi, inv = a.inv;
+  const std::int64_t j0 = a.j0, j1 = a.j1, W = a.W;
+  auto border = [&](std::int64_t from, std::int64_t to) {
+#pragma omp simd
+    for (std::int64_t j = from; j < to; ++j) {
+      float gt, gp;
+      grads<PRE, CLAMP>(load<DT>(g, j), fill, CLAMP ? pm[j] : 0.0f, lo, hi, inv, gt, gp);
+      acc[j] += gt;
+    }
+  };
+  border(0, j0);
+  if (j1 > j0) {
+    void* dx = a.dx;
+    if (a.x_f32 || !CLAMP) {
+      const float* x = CLAMP ? static_cast<const float*>(a.x) - j0 : nullptr;  // read only with a clamp
+#pragma omp simd
+      for (std::int64_t j = j0; j < j1; ++j) {
+        float gt, gp;
+        grads<PRE, CLAMP>(load<DT>(g, j), CLAMP ? x[j] : 0.0f, CLAMP ? pm[j] : 0.0f, lo, hi, inv, gt, gp);
+        acc[j] += gt;
+        if (dx) store<DT>(dx, j - j0, gp);
+      }
+    } else {
+      const void* x = a.x;
+#pragma omp simd
+      for (std::int64_t j = j0; j < j1; ++j) {
+        float gt, gp;
+        grads<PRE, CLAMP>(load<DT>(g, j), load<DT>(x, j - j0), pm[j], lo, hi, inv, gt, gp);
+        acc[j] += gt;
+        if (dx) store<DT>(dx, j - j0, gp);
+      }
+    }
+  }
+  border(j1, W);
+}
+
+// The backward with a shared delta and a mask that does not depend on the sample (every fixed mask, a tensor mask
+// with Bm == 1), grad contiguous along W: one thread per (channel, canvas row) walks the batch in sample order,
+// summing the prompt term's gradient; d delta = m * g'(delta) * that sum, once per element (0 where m == 0).
+template <int DT>
+void bwd_shared(const VisualPromptParams& p, const Ctx& ctx) {
+  const std::int64_t B = p.B, C = p.C, H = p.H, W = p.W;
+  const bool pre = p.order == 0, clamp = p.has_clamp != 0;
+  const RowBwdFn row_fn = pre ? (clamp ? &bwd_row<DT, true, true> : &bwd_row<DT, true, false>)
+                              : &bwd_row<DT, false, false>;
+  const void* x = reinterpret_cast<const void*>(p.x);
+  const void* gr = reinterpret_cast<const void*>(p.grad);
+  void* dx = reinterpret_cast<void*>(p.dx);
+  void* dd = reinterpret_cast<void*>(p.ddelta);
+#pragma omp parallel num_threads(threads_of(p.threads))
+  {
+    std::vector<float> m(W), pm(W), acc(W), xrow(p.x_sw == 1 ? 0 : p.w);
+#pragma omp for schedule(static)
+    for (std::int64_t r = 0; r < C * H; ++r) {
+      const std::int64_t c = r / H, i = r % H, ii = i - p.top;
+      const float* G = ctx.G + r * W;
+      for (std::int64_t j = 0; j < W; ++j) {
+        m[j] = ctx.m_at(0, c, i, j);
+        pm[j] = m[j] == 0.0f ? 0.0f : m[j] * G[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const bool img_row = ii >= 0 && ii < p.h && p.w > 0;
+      RowBwd a;
+      a.pm = pm.data();
+      a.acc = acc.data();
+      a.W = W;
+      a.fill = p.fill;
+      a.lo = p.clamp_lo;
+      a.hi = p.clamp_hi;
+      a.inv = ctx.stdev ? 1.0f / ctx.stdev[c] : 1.0f;
+      if (img_row) {
+        a.j0 = p.left;
+        a.j1 = p.left + p.w;
+      }
+      for (std::int64_t b = 0; b < B; ++b) {
+        a.g = static_cast<const char*>(gr) + (b * p.grad_sb + c * p.grad_sc + i * p.grad_sh) * elem_size(DT);
+        if (img_row) {
+          const std::int64_t xbase = b * p.x_sb + c * p.x_sc + ii * p.x_sh;
+          a.x_f32 = p.x_sw != 1;
+          if (p.x_sw == 1) {
+            a.x = static_cast<const char*>(x) + xbase * elem_size(DT);
+          } else {
+            if (clamp)
+              for (std::int64_t jj = 0; jj < p.w; ++jj) xrow[jj] = load<DT>(x, xbase + jj * p.x_sw);
+            a.x = xrow.data();
+          }
+          a.dx = dx ? static_cast<char*>(dx) + (((b * C + c) * p.h + ii) * p.w) * elem_size(DT) : nullptr;
+        }
+        row_fn(a);
+      }
+      if (dd)
+        for (std::int64_t j = 0; j < W; ++j)
+          store_any(p.delta_dtype, dd, r * W + j, m[j] == 0.0f ? 0.0f : acc[j] * m[j] * dsquash(p.squash, G[j]));
+    }
+  }
+}
+
 template <int DT>
 void bwd(const VisualPromptParams& p) {
   const std::int64_t B = p.B, C = p.C, H = p.H, W = p.W;
@@ -197,7 +367,11 @@ void bwd(const VisualPromptParams& p) {
           G.empty() ? nullptr : G.data(), p.mask ? H / p.Hm : 1, p.mask ? W / p.Wm : 1, !p.mask || p.Bm == 1};
   void* dx = reinterpret_cast<void*>(p.dx);
   void* dd = reinterpret_cast<void*>(p.ddelta);
-  if (dx || dd) {
+  advise_huge(dx, B * C * p.h * p.w * elem_size(DT));
+  advise_huge(dd, (p.delta_per_sample ? B : 1) * C * H * W * elem_size(p.delta_dtype));
+  if ((dx || dd) && !p.delta_per_sample && ctx.mask_shared && p.grad_sw == 1) {
+    bwd_shared<DT>(p, ctx);
+  } else if (dx || dd) {
 #pragma omp parallel num_threads(nt)
     {
       std::vector<float> gt(W), gp(W), g(W), acc(W);
