@@ -109,14 +109,3 @@ def test_kernel_outputs_are_poisoned_under_test():
     assert _alloc.POISON
     assert bool(torch.isnan(_alloc.empty_output((3,), torch.float32, torch.device("cpu"))).all())
 
-
-def test_readme_example_runs():
-    """The README's example is real code: it must run as written."""
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("```python\nimport torch, reprokernels as rk") + len("```python\n")
-    code = text[start:text.index("```", start)]
-    scope: dict = {}
-    exec(compile(code, "README.md", "exec"), scope)
-    assert scope["o"].shape == (4, 8, 16, 64) and scope["mapping"].shape == (10,)
