@@ -366,13 +366,45 @@ def test_explicit_cpu_on_cuda_like_device_is_refused():
 def test_auto_routes_to_cpu_only_for_a_supported_case():
     for op in _backend.CPU_LAUNCHERS:
         assert resolve_backend(op, "auto", CPU) in ("reference", "composite")  # no case: today's choice
-    assert resolve_backend("label_map", "auto", CPU, case=("dtype=float32",)) == "cpu"
-    assert resolve_backend("label_map", "auto", CPU, case=("dtype=float64",)) == "reference"
-    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=bfloat16", "resize=none")) == "cpu"
-    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=float32", "resize=nearest")) == "reference"
-    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=int64",)) == "cpu"
+    lm = ("mapping=index", "mapping_dtype=torch.int64", "input=log_probs")
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", *lm)) == "cpu"
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float64", *lm)) == "reference"
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.bfloat16", *lm)) == "reference"  # unmeasured
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", "mapping=dense",
+                                                           "mapping_dtype=torch.float32", "input=probs")) == "reference"
+    vp = ("resize=none", "mask=fixed", "delta=shared")
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.float32", *vp)) == "cpu"
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.bfloat16", *vp)) == "reference"
+    assert resolve_backend("visual_prompt", "auto", CPU,
+                           case=("dtype=torch.float32", "resize=nearest", "mask=fixed", "delta=shared")) == "reference"
+    assert resolve_backend("visual_prompt", "auto", CPU,
+                           case=("dtype=torch.float32", "resize=none", "mask=tensor", "delta=shared")) == "reference"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=count")) == "cpu"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=prob")) == "reference"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.int64", "weight=count")) == "reference"
     assert resolve_backend("soft_prompt_concat", "auto", CPU,
-                           case=("prompt_dtype=float32", "tokens_dtype=float64")) == "reference"
+                           case=("prompt_dtype=torch.float32", "tokens_dtype=torch.float32")) == "cpu"
+    assert resolve_backend("soft_prompt_concat", "auto", CPU,
+                           case=("prompt_dtype=torch.float32", "tokens_dtype=torch.float64")) == "reference"
+
+
+def test_auto_through_the_ops_picks_what_was_measured():
+    """The ops pass their case: auto runs the cpu kernels on the measured cases and the reference elsewhere."""
+    import unittest.mock as um
+
+    from reprokernels.cpu import label_map as clm
+    from reprokernels.cpu import visual_prompt as cvp
+    x = torch.randn(4, 9)
+    with um.patch.object(clm, "label_map", wraps=clm.label_map) as spy:
+        rk.label_map(x, torch.tensor([1, 3]), input="log_probs")
+        assert spy.call_count == 1
+        rk.label_map(x, torch.rand(9, 2), input="probs")  # dense: not measured faster, the reference serves it
+        assert spy.call_count == 1
+    with um.patch.object(cvp, "visual_prompt", wraps=cvp.visual_prompt) as spy:
+        rk.visual_prompt(torch.rand(2, 3, 4, 4), torch.zeros(3, 8, 8), mask="frame", mask_width=2)
+        assert spy.call_count == 1
+        rk.visual_prompt(torch.rand(2, 3, 4, 4), torch.zeros(3, 8, 8), mask=torch.rand(1, 1, 8, 8))
+        assert spy.call_count == 1
 
 
 def test_info_reports_the_cpu_module():

@@ -300,50 +300,65 @@ void bwd_shared(const VisualPromptParams& p, const Ctx& ctx) {
   const void* gr = reinterpret_cast<const void*>(p.grad);
   void* dx = reinterpret_cast<void*>(p.dx);
   void* dd = reinterpret_cast<void*>(p.ddelta);
+  // Blocks of RB canvas rows: for one sample they are RB * W contiguous elements of grad (a stream the
+  // prefetchers follow), and the block's sums stay in L1/L2 while the batch is walked in sample order.
+  constexpr std::int64_t RB = 16;
+  const std::int64_t rows = C * H, nblk = (rows + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
-    std::vector<float> m(W), pm(W), acc(W), xrow(p.x_sw == 1 ? 0 : p.w);
+    std::vector<float> m(RB * W), pm(RB * W), acc(RB * W), xrow(p.x_sw == 1 ? 0 : p.w);
 #pragma omp for schedule(static)
-    for (std::int64_t r = 0; r < C * H; ++r) {
-      const std::int64_t c = r / H, i = r % H, ii = i - p.top;
-      const float* G = ctx.G + r * W;
-      for (std::int64_t j = 0; j < W; ++j) {
-        m[j] = ctx.m_at(0, c, i, j);
-        pm[j] = m[j] == 0.0f ? 0.0f : m[j] * G[j];
+    for (std::int64_t blk = 0; blk < nblk; ++blk) {
+      const std::int64_t r0 = blk * RB, r1 = std::min(rows, r0 + RB);
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const std::int64_t c = r / H, i = r % H;
+        const float* G = ctx.G + r * W;
+        float* mr = m.data() + (r - r0) * W;
+        float* pmr = pm.data() + (r - r0) * W;
+        for (std::int64_t j = 0; j < W; ++j) {
+          mr[j] = ctx.m_at(0, c, i, j);
+          pmr[j] = mr[j] == 0.0f ? 0.0f : mr[j] * G[j];
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
-      const bool img_row = ii >= 0 && ii < p.h && p.w > 0;
-      RowBwd a;
-      a.pm = pm.data();
-      a.acc = acc.data();
-      a.W = W;
-      a.fill = p.fill;
-      a.lo = p.clamp_lo;
-      a.hi = p.clamp_hi;
-      a.inv = ctx.stdev ? 1.0f / ctx.stdev[c] : 1.0f;
-      if (img_row) {
-        a.j0 = p.left;
-        a.j1 = p.left + p.w;
-      }
       for (std::int64_t b = 0; b < B; ++b) {
-        a.g = static_cast<const char*>(gr) + (b * p.grad_sb + c * p.grad_sc + i * p.grad_sh) * elem_size(DT);
-        if (img_row) {
-          const std::int64_t xbase = b * p.x_sb + c * p.x_sc + ii * p.x_sh;
-          a.x_f32 = p.x_sw != 1;
-          if (p.x_sw == 1) {
-            a.x = static_cast<const char*>(x) + xbase * elem_size(DT);
-          } else {
-            if (clamp)
-              for (std::int64_t jj = 0; jj < p.w; ++jj) xrow[jj] = load<DT>(x, xbase + jj * p.x_sw);
-            a.x = xrow.data();
+        for (std::int64_t r = r0; r < r1; ++r) {
+          const std::int64_t c = r / H, i = r % H, ii = i - p.top;
+          const bool img_row = ii >= 0 && ii < p.h && p.w > 0;
+          RowBwd a;
+          a.pm = pm.data() + (r - r0) * W;
+          a.acc = acc.data() + (r - r0) * W;
+          a.W = W;
+          a.fill = p.fill;
+          a.lo = p.clamp_lo;
+          a.hi = p.clamp_hi;
+          a.inv = ctx.stdev ? 1.0f / ctx.stdev[c] : 1.0f;
+          a.g = static_cast<const char*>(gr) + (b * p.grad_sb + c * p.grad_sc + i * p.grad_sh) * elem_size(DT);
+          if (img_row) {
+            a.j0 = p.left;
+            a.j1 = p.left + p.w;
+            const std::int64_t xbase = b * p.x_sb + c * p.x_sc + ii * p.x_sh;
+            a.x_f32 = p.x_sw != 1;
+            if (p.x_sw == 1) {
+              a.x = static_cast<const char*>(x) + xbase * elem_size(DT);
+            } else {
+              if (clamp)
+                for (std::int64_t jj = 0; jj < p.w; ++jj) xrow[jj] = load<DT>(x, xbase + jj * p.x_sw);
+              a.x = xrow.data();
+            }
+            a.dx = dx ? static_cast<char*>(dx) + (((b * C + c) * p.h + ii) * p.w) * elem_size(DT) : nullptr;
           }
-          a.dx = dx ? static_cast<char*>(dx) + (((b * C + c) * p.h + ii) * p.w) * elem_size(DT) : nullptr;
+          row_fn(a);
         }
-        row_fn(a);
       }
       if (dd)
-        for (std::int64_t j = 0; j < W; ++j)
-          store_any(p.delta_dtype, dd, r * W + j, m[j] == 0.0f ? 0.0f : acc[j] * m[j] * dsquash(p.squash, G[j]));
+        for (std::int64_t r = r0; r < r1; ++r) {
+          const float* G = ctx.G + r * W;
+          const float* mr = m.data() + (r - r0) * W;
+          const float* ar = acc.data() + (r - r0) * W;
+          for (std::int64_t j = 0; j < W; ++j)
+            store_any(p.delta_dtype, dd, r * W + j, mr[j] == 0.0f ? 0.0f : ar[j] * mr[j] * dsquash(p.squash, G[j]));
+        }
     }
   }
 }

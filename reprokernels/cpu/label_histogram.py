@@ -19,11 +19,23 @@ WEIGHT_CODES = {"count": 0, "prob": 1}
 
 
 def supports(case: tuple) -> str:
-    """case keys: dtype (of float logits; integer predictions are always served)."""
+    """case keys: dtype (of the logits or integer predictions), weight ("count" or "prob").
+
+    auto takes the cpu kernel where it was measured at least as fast as the eager chain and torch.compile of it
+    (docs/cpu-backend.md): counts of the argmax of float32 logits (FLM). Implemented but not measured faster (so
+    auto keeps the reference): integer predictions, weight="prob", 16-bit logits.
+    """
     d = case_dict(case)
-    if d.get("dtype", "").replace("torch.", "").startswith(("int", "uint")):
-        return ""
-    return dtype_reason(d, "dtype")
+    dtype = d.get("dtype", "").replace("torch.", "")
+    if dtype.startswith(("int", "uint")):
+        return f"dtype={dtype}: integer predictions were not measured faster than eager on the cpu kernel"
+    why = dtype_reason(d, "dtype")
+    if why:
+        return why
+    if d.get("weight") != "count" or dtype != "float32":
+        return (f"weight={d.get('weight')!r}, dtype={dtype}: only counts of float32 logits were measured faster "
+                "than eager on the cpu kernel")
+    return ""
 
 
 def label_histogram_accumulate(out: torch.Tensor, x: torch.Tensor, targets: torch.Tensor, topk: int,

@@ -23,8 +23,21 @@ INDEX_CODES = {torch.int64: 0, torch.int32: 1}
 
 
 def supports(case: tuple) -> str:
-    """case keys: dtype (of the logits), mapping_dtype (of a dense mapping)."""
-    return dtype_reason(case_dict(case), "dtype", "mapping_dtype")
+    """case keys: dtype (of the logits), mapping ("index" or "dense"), mapping_dtype (of a dense mapping), input.
+
+    auto takes the cpu kernels where they were measured at least as fast as the eager chain and torch.compile of
+    it (docs/cpu-backend.md): float32 logits with an index mapping (one-to-one or many-to-one), every input.
+    Implemented but not measured faster (so auto keeps the reference): dense mappings and 16-bit logits.
+    """
+    d = case_dict(case)
+    why = dtype_reason(d, "dtype", *(("mapping_dtype",) if d.get("mapping") == "dense" else ()))
+    if why:
+        return why
+    if d.get("mapping") != "index":
+        return f"mapping={d.get('mapping')!r}: only index mappings were measured faster than eager on the cpu kernels"
+    if d.get("dtype", "").replace("torch.", "") != "float32":
+        return f"dtype={d.get('dtype')}: only float32 logits were measured faster than eager on the cpu kernels"
+    return ""
 
 
 def _params(logits: torch.Tensor, input: str):

@@ -20,8 +20,19 @@ INDEX_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.int8: 3, to
 
 
 def supports(case: tuple) -> str:
-    """case keys: prompt_dtype, tokens_dtype (inputs_embeds' or embedding_weight's)."""
-    return dtype_reason(case_dict(case), "prompt_dtype", "tokens_dtype")
+    """case keys: prompt_dtype, tokens_dtype (inputs_embeds' or embedding_weight's).
+
+    auto takes the cpu kernels where they were measured at least as fast as the eager chain and torch.compile of
+    it (docs/cpu-backend.md): float32 token embeddings (ids with the gather fused, or inputs_embeds), a prompt of
+    any kernel dtype. Implemented but not measured (so auto keeps the reference): 16-bit token embeddings.
+    """
+    d = case_dict(case)
+    why = dtype_reason(d, "prompt_dtype", "tokens_dtype")
+    if why:
+        return why
+    if d.get("tokens_dtype", "").replace("torch.", "") != "float32":
+        return f"tokens_dtype={d.get('tokens_dtype')}: only float32 token embeddings were measured on the cpu kernels"
+    return ""
 
 
 def _index(t: torch.Tensor) -> torch.Tensor:

@@ -143,7 +143,7 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
     _check_range(targets, num_target, "targets")
     if not x.is_floating_point():
         _check_range(x, num_source, "logits_or_preds")
-    chosen = resolve_backend_for(OP, backend, x.device)
+    chosen = resolve_backend_for(OP, backend, x.device, case=(f"dtype={x.dtype}", f"weight={weight}"))
     if chosen != "reference" and x.is_floating_point():
         check_float(x, "logits_or_preds", KERNEL_DTYPES)
     if x.is_floating_point():

@@ -156,7 +156,9 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     check_same_device(("logits", logits), ("mapping", mapping))
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, k_src)
-    chosen = resolve_backend_for(OP, backend, logits.device)
+    chosen = resolve_backend_for(OP, backend, logits.device, case=(
+        f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
+        f"mapping_dtype={m2.dtype}", f"input={input}"))
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
     out, _ = LabelMapFunction.apply(flat, m2, reduce, input, chosen)

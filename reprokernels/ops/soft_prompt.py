@@ -223,7 +223,8 @@ def soft_prompt_concat(
                       ("embedding_weight", embedding_weight), ("task_ids", task_ids), ("insert_at", insert_at),
                       ("attention_mask", attention_mask), ("labels", labels))
     scale = 1.0 if embed_scale is None else float(embed_scale)
-    chosen = resolve_backend_for(OP, backend, prompt.device)
+    chosen = resolve_backend_for(OP, backend, prompt.device, case=(f"prompt_dtype={prompt.dtype}",
+                                                                  f"tokens_dtype={tokens_dtype}"))
     if chosen != "reference":
         if tokens_dtype not in KERNEL_DTYPES:
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "

@@ -308,7 +308,9 @@ def visual_prompt(
         x, delta, size=size, resize=resize, resize_mode=resize_mode, align_corners=align_corners, offset=offset,
         mask=mask, mask_width=mask_width, patch=patch, squash=squash, order=order, clamp=clamp, mean=mean, std=std,
         fill=fill)
-    chosen = resolve_backend_for(OP, backend, x.device)
+    chosen = resolve_backend_for(OP, backend, x.device, case=(
+        f"dtype={x.dtype}", f"resize={spec.resize_mode}", f"mask={'fixed' if mask_t is None else 'tensor'}",
+        f"delta={'per_sample' if delta.dim() == 4 else 'shared'}"))
     if chosen != "reference":
         check_float(x, "x", KERNEL_DTYPES)
     ints, floats, modes = spec.to_schema()
