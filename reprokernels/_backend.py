@@ -4,8 +4,9 @@ Precedence: an op's explicit ``backend=`` argument; else the innermost ``use_bac
 ``REPROKERNELS_BACKEND`` environment variable (read at import); else ``"auto"``. ``auto`` picks, on CUDA
 tensors, ``cuda`` where the extension is built and the op has a CUDA kernel, else ``triton``; on CPU
 tensors ``cpu`` where the CPU module is built, the op has a cpu kernel and the call's *case* (dtypes and
-options, passed by the op as ``case=``) is one the kernel implements and was measured faster than the
-reference on (the launcher's ``supports(case)``); otherwise ``composite`` where the op has one (attention),
+options, passed by the op as ``case=``) is one the kernel implements and was measured at least as fast as the
+eager chain users write and torch.compile of it (the launcher's ``supports(case)``; docs/cpu-backend.md);
+otherwise ``composite`` where the op has one (attention),
 else ``reference``. An op that passes no case keeps the latter choice: auto never routes a call to a kernel
 that has not declared it can serve it. An explicitly requested backend that cannot run raises
 :class:`BackendUnavailableError`; nothing silently falls back.
