@@ -8,7 +8,7 @@ next to this machine's copy bandwidth (a large tensor copy, read + write counted
 CPU allocator events (benchmarks/common.py). Rows are appended to <out>/bench_cpu.csv (default
 ./reprokernels-bench/); benchmarks/results is never written.
 
-    python -m benchmarks.bench_cpu [--rounds 15] [--out DIR] [--quick] [--case WORD] [--providers eager,cpu]
+    python -m benchmarks.cpu_cases [--rounds 15] [--out DIR] [--quick] [--case WORD] [--providers eager,cpu]
 """
 
 from __future__ import annotations
