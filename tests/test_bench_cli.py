@@ -133,3 +133,16 @@ def test_device_limits_measured_small() -> None:
     gbps, nbytes = measure_copy_bandwidth("cpu", quick=True, nbytes=8 << 20)
     tflops, n, dtype = measure_matmul_rate("cpu", quick=True, n=128)
     assert gbps > 0 and nbytes == 8 << 20 and tflops > 0 and n == 128 and str(dtype) == "torch.float32"
+
+
+def test_every_bench_script_is_an_op_script():
+    """`reprokernels bench` runs every benchmarks/bench_<op>.py as `run(device, quick=...)`: a script of another
+    shape under that name breaks the whole command (other benchmark scripts take other names)."""
+    import importlib
+    import inspect
+
+    from benchmarks.run import available_ops
+
+    for op in available_ops():
+        params = inspect.signature(importlib.import_module(f"benchmarks.bench_{op}").run).parameters
+        assert "quick" in params and next(iter(params)) in ("device", "dev"), (op, list(params))
