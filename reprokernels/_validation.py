@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+from torch._subclasses.fake_tensor import is_fake  # already imported by torch itself
 
 from ._backend import BACKENDS, BackendUnavailableError, op_backends, resolve_backend
 
@@ -134,8 +135,6 @@ def checks_are_eager(device: torch.device) -> bool:
 
 def _values_unreadable(t: torch.Tensor) -> bool:
     """Meta and fake tensors (model construction on the meta device, torch.compile tracing) have no values."""
-    from torch._subclasses.fake_tensor import is_fake  # torch imports it at startup: free here
-
     return t.device.type == "meta" or torch.compiler.is_compiling() or is_fake(t)
 
 

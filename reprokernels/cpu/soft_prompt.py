@@ -14,9 +14,8 @@ import torch
 
 from .. import _cpu
 from .._alloc import empty_output
+from ..cuda.soft_prompt import INDEX_CODES, _index, _set_insert_task  # same parameter fields in both extensions
 from . import DTYPE_CODES, case_dict, check_cpu, dtype_reason, float_code
-
-INDEX_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.int8: 3, torch.uint8: 4}
 
 
 def supports(case: tuple) -> str:
@@ -33,21 +32,6 @@ def supports(case: tuple) -> str:
     if d.get("tokens_dtype", "").replace("torch.", "") != "float32":
         return f"tokens_dtype={d.get('tokens_dtype')}: only float32 token embeddings were measured on the cpu kernels"
     return ""
-
-
-def _index(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in INDEX_CODES else t.to(torch.int64)
-
-
-def _set_insert_task(p, task_ids, insert_at):
-    task_k = insert_k = None
-    if task_ids is not None:
-        task_k = _index(task_ids)
-        p.task, p.task_s, p.task_dtype = task_k.data_ptr(), task_k.stride(0), INDEX_CODES[task_k.dtype]
-    if insert_at is not None:
-        insert_k = _index(insert_at)
-        p.insert, p.insert_s, p.insert_dtype = insert_k.data_ptr(), insert_k.stride(0), INDEX_CODES[insert_k.dtype]
-    return task_k, insert_k
 
 
 def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
