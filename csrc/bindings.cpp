@@ -11,6 +11,7 @@ void bind_visual_prompt(py::module_& m);  // visual_prompt_bindings.cpp
 void bind_soft_prompt(py::module_& m);
 void bind_label_map(py::module_& m);
 void bind_label_histogram(py::module_& m);
+void bind_prefix_attention(py::module_& m);
 }  // namespace reprokernels
 
 #ifndef REPROKERNELS_VERSION
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
   rk::bind_soft_prompt(m);
   rk::bind_label_map(m);
   rk::bind_label_histogram(m);
+  rk::bind_prefix_attention(m);
 }
