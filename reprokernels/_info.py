@@ -22,9 +22,20 @@ def _version(dist: str) -> str:
 
 # Public ops that are plain PyTorch (no backend choice): listed so `info` names every op the package exports.
 _PLAIN_OPS = {
-    "merge_attention_states": "plain PyTorch (log-sum-exp merge of two partial attentions)",
     "greedy_label_mapping": "plain PyTorch (one-to-one mapping from a label histogram)",
     "bayesian_label_mapping": "plain PyTorch (probabilistic mapping from a label histogram)",
+}
+
+
+# How auto routes the ops whose choice depends on the call, not only on the device (the rules live in the ops).
+AUTO_ROUTES = {
+    "prefix_attention": (
+        "CUDA: cuda for decode (Lq <= 16, no gradients, d <= 512) with at most 16 queries per prefix kv head "
+        "(B * Hq / Hkv * Lq) or no prefix -- CUDA-core kernels, memory-bound there; triton for training, prefill "
+        "and larger decode batches (the shared prefix as a tensor-core GEMM); composite for head dims triton "
+        "lacks. CPU: composite"),
+    "merge_attention_states": "CUDA: cuda when no input needs a gradient and none is float64, else reference. "
+                              "CPU: reference",
 }
 
 
@@ -76,6 +87,7 @@ def info_dict() -> dict:
         "default_backend": _backend.default_backend(),
         "backends": backends,
         "ops": dict(sorted(ops.items())),
+        "auto_routes": AUTO_ROUTES,
     }
 
 
@@ -106,4 +118,7 @@ def info(file: TextIO | None = None) -> None:
     lines.append("ops:" if d["ops"] else "ops: none registered yet")
     for op, bks in d["ops"].items():
         lines.append(f"  {op:<24} {', '.join(bks)}")
+    lines.append("auto, by call:")
+    for op, how in d["auto_routes"].items():
+        lines.append(f"  {op:<24} {how}")
     print("\n".join(lines), file=out)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from .._amp import no_autocast
-from .._backend import default_backend, register_op
+from .._backend import backend_status, default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
     KERNEL_DTYPES,
@@ -24,15 +24,56 @@ from .._validation import (
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
-register_op(OP, ("reference", "composite", "triton"))
+MERGE_OP = "merge_attention_states"
+register_op(OP, ("reference", "composite", "triton", "cuda"))
+register_op(MERGE_OP, ("reference", "cuda"))
 
 _MODULES = {
     "reference": "reprokernels.reference.prefix_attention",
     "composite": "reprokernels.composite.prefix_attention",
     "triton": "reprokernels.triton.prefix_attention",
+    "cuda": "reprokernels.cuda.prefix_attention",
 }
 # the head dims the fused Triton kernels serve (kept here so choosing a backend never imports triton)
 TRITON_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+# What the CUDA decode kernels serve (reprokernels/cuda/prefix_attention.py; kept here so that choosing a backend
+# never loads the extension): the forward of at most CUDA_MAX_LQ queries per row, head dims up to CUDA_MAX_HEAD_DIM.
+CUDA_MAX_LQ = 16
+CUDA_MAX_HEAD_DIM = 512
+# auto on CUDA takes the CUDA decode kernels while at most this many queries read each prefix kv head
+# (B * Hq / Hkv * Lq, an upper bound with a task table), or there is no prefix. Their dot products run on CUDA
+# cores; past about 16 queries per prefix key the prefix part turns compute-bound there (4 d bytes of a 16-bit
+# key/value pair against 2 d FMAs per query: at ~25 TFMA/s effective and 3.35 TB/s the two meet near 15 queries),
+# while Triton's stage 1 runs it as a tensor-core GEMM. A model, not a measurement: no GPU has timed either yet.
+CUDA_AUTO_MAX_PREFIX_QUERIES = 16
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cuda_refusal(q: torch.Tensor, needs_grad: bool) -> str:
+    """Why the CUDA decode kernels cannot serve this call ("" when they can), naming what to use instead."""
+    Lq, d = q.shape[2], q.shape[3]
+    if needs_grad:
+        return ("the cuda backend of prefix_attention is the decode forward: it has no backward, and inputs "
+                "require gradients here (training: backend='triton' on CUDA, or 'composite'; or call it under "
+                "torch.no_grad())")
+    if Lq > CUDA_MAX_LQ:
+        return (f"the cuda backend of prefix_attention serves decoding with at most {CUDA_MAX_LQ} queries per row, "
+                f"got Lq={Lq} (prefill: backend='triton', or 'composite')")
+    if d > CUDA_MAX_HEAD_DIM:
+        return (f"the cuda backend of prefix_attention serves head dims up to {CUDA_MAX_HEAD_DIM}, got d={d} "
+                "(backend='composite' serves any)")
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the cuda backend supports float32, float16 and bfloat16, got {q.dtype} (backend='composite')"
+    return ""
+
+
+def auto_prefers_cuda(B: int, Hq: int, Hkv: int, Lq: int, P: int) -> bool:
+    """Whether auto takes the CUDA decode kernels over Triton for a decode call it can serve (see
+    CUDA_AUTO_MAX_PREFIX_QUERIES)."""
+    return P == 0 or B * (Hq // Hkv) * Lq <= CUDA_AUTO_MAX_PREFIX_QUERIES
 
 _ARGS = "Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? task_ids, " \
         "Tensor? key_padding_mask, Tensor? kv_lengths"
@@ -48,9 +89,9 @@ torch.library.define(
 
 
 def _kernel_prefix(prefix: torch.Tensor | None, q: torch.Tensor, backend: str) -> torch.Tensor | None:
-    """The triton kernels read float32/float16/bfloat16 prefixes. A float64 one is rounded to q's dtype (the
-    contract's one rounding) and held in float32, which the kernels' own cast to q's dtype then keeps exact."""
-    if backend != "triton" or prefix is None or prefix.dtype in KERNEL_DTYPES:
+    """The triton and cuda kernels read float32/float16/bfloat16 prefixes. A float64 one is rounded to q's dtype
+    (the contract's one rounding) and held in float32, which the kernels' own cast to q's dtype then keeps exact."""
+    if backend not in ("triton", "cuda") or prefix is None or prefix.dtype in KERNEL_DTYPES:
         return prefix
     return prefix.to(q.dtype).to(torch.float32)
 
@@ -170,8 +211,11 @@ def prefix_attention(
         scale: the score multiplier, default 1 / sqrt(d).
         return_lse: also return the (B, Hq, Lq) LSE (natural log; float32, float64 for float64 q; -inf for a
             query that sees no key, whose output is 0). The LSE carries no gradient.
-        backend: "auto" (composite on CPU; triton on CUDA, or composite for a head dim outside
-            {32, 64, 80, 96, 128, 256}) | "reference" | "composite" | "triton".
+        backend: "auto" | "reference" | "composite" | "triton" | "cuda". auto: composite on CPU; on CUDA the
+            CUDA decode kernels for a decode call (Lq <= 16, no gradients, d <= 512) where at most 16 queries read
+            each prefix kv head (B * Hq / Hkv * Lq) or there is no prefix, else triton, or composite for a head dim
+            outside {32, 64, 80, 96, 128, 256}. "cuda" is forward-only: it refuses calls that need gradients,
+            more than 16 queries per row or d > 512, naming what to use.
 
     Returns:
         out (B, Hq, Lq, d) in q's dtype, or (out, lse). Differentiable in q, k, v, prefix_k, prefix_v.
@@ -230,8 +274,16 @@ def prefix_attention(
                       ("task_ids", task_ids), ("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     chosen = resolve_backend_for(OP, backend, q.device)
+    is_auto = backend == "auto" and default_backend() == "auto"
+    if chosen == "cuda":
+        why = cuda_refusal(q, _needs_grad(q, k, v, prefix_k, prefix_v))
+        if why and not is_auto:
+            raise ValueError(f"backend: {why}")
+        P = 0 if prefix_k is None else prefix_k.shape[-2]
+        if is_auto and (why or not auto_prefers_cuda(B, Hq, Hkv, q.shape[2], P)):
+            chosen = "triton" if backend_status("triton", q.device.type)[0] else "composite"
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
-        if backend == "auto" and default_backend() == "auto":
+        if is_auto:
             chosen = "composite"  # auto's documented fallback for head dims the fused kernels do not serve
         else:
             raise ValueError(f"q: the triton backend supports head dims {TRITON_HEAD_DIMS}, got d={d} "
@@ -244,8 +296,26 @@ def prefix_attention(
     return (out, lse) if return_lse else out
 
 
-def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+torch.library.define("reprokernels::merge_attention_states_fwd",
+                     "(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b, str backend) -> (Tensor, Tensor)")
+
+
+@torch.library.impl("reprokernels::merge_attention_states_fwd", ["CPU", "CUDA"])
+def _merge_fwd(o_a, lse_a, o_b, lse_b, backend):
+    mod = importlib.import_module(_MODULES[backend])
+    with torch.no_grad():
+        o, lse = mod.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    return o.contiguous(), lse.contiguous()
+
+
+@torch.library.register_fake("reprokernels::merge_attention_states_fwd")
+def _merge_fwd_fake(o_a, lse_a, o_b, lse_b, backend):
+    o_dt, l_dt, _ = _ref.merge_dtypes(o_a, lse_a, o_b, lse_b)
+    return o_a.new_empty(o_a.shape, dtype=o_dt), lse_a.new_empty(lse_a.shape, dtype=l_dt)
+
+
+def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor, *,
+                           backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Exact merge of two partial attentions over disjoint key sets: (o, lse).
 
     o_a, o_b: (..., L, d), each normalised over its own keys; lse_a, lse_b: (..., L) their log-sum-exps.
@@ -260,8 +330,12 @@ def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Te
 
     Dtypes: o in ``torch.promote_types(o_a.dtype, o_b.dtype)``; lse float32, or float64 if either lse is float64;
     math in float32, float64 if any input is float64. Broadcasting is not done: o_a and o_b share one shape and
-    each lse has it without the last dim. Meta tensors give shapes. Differentiable in all four inputs (plain
-    PyTorch ops, so it composes with torch.compile).
+    each lse has it without the last dim. Any strides. Meta tensors give shapes.
+
+    backend: "auto" | "reference" | "cuda". "reference" is plain PyTorch ops, differentiable in all four inputs
+    (composes with torch.compile). "cuda" is one fused kernel (one warp per row, any strides, float32/float16/
+    bfloat16), forward only: it refuses inputs that require gradients and float64. auto takes cuda on CUDA tensors
+    where it can serve the call (the extension is built, no gradient needed, no float64), else reference.
     """
     for name, t in (("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b)):
         check_float(t, name)
@@ -272,4 +346,19 @@ def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Te
             raise ValueError(f"{name}: expected shape {tuple(o_a.shape[:-1])} (o without its last dim), "
                              f"got {tuple(t.shape)}")
     check_same_device(("o_a", o_a), ("lse_a", lse_a), ("o_b", o_b), ("lse_b", lse_b))
-    return _ref.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    chosen = resolve_backend_for(MERGE_OP, backend, o_a.device)
+    if chosen == "cuda":
+        why = ""
+        if _needs_grad(o_a, lse_a, o_b, lse_b):
+            why = ("the cuda backend of merge_attention_states is forward-only and inputs require gradients here "
+                   "(backend='reference' is differentiable; or call it under torch.no_grad())")
+        elif any(t.dtype not in KERNEL_DTYPES for t in (o_a, lse_a, o_b, lse_b)):
+            why = "the cuda backend supports float32, float16 and bfloat16 inputs (backend='reference' for float64)"
+        if why:
+            if backend == "auto" and default_backend() == "auto":
+                chosen = "reference"
+            else:
+                raise ValueError(f"backend: {why}")
+    if chosen == "reference":
+        return _ref.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    return torch.ops.reprokernels.merge_attention_states_fwd(o_a, lse_a, o_b, lse_b, chosen)
