@@ -249,6 +249,9 @@ PA_HD void rows_thread(const PrefixAttnParams& p, const Work& k, int QM, int tid
   tb.qlim[tid] = (k.prefix || !p.causal) ? kNoLimit : p.Lk - p.Lq + i;
 }
 
+// Whether warp `warp` owns a used row (rows are filled in order: its first one decides).
+PA_HD bool warp_active(const Work& k, int QM, int R, int warp) { return k.mb * QM + warp * R < k.nq; }
+
 // Phase "queries" (every thread): the block's queries to shared memory in float32 (unused slots 0).
 PA_HD void queries_thread(const PrefixAttnParams& p, int QM, int tid, const BlockTables& tb, float* qs) {
   const i64 D = p.D;
@@ -464,7 +467,7 @@ __device__ __forceinline__ V shfl_xor(V v, int off) {
 }
 
 template <int DC>
-__global__ void __launch_bounds__(kThreads, 4) pa_partial_kernel(const PrefixAttnParams p, i64 n_items) {
+__global__ void __launch_bounds__(kThreads, 3) pa_partial_kernel(const PrefixAttnParams p, i64 n_items) {
   using C = Cfg<DC>;
   extern __shared__ float smem[];
   __shared__ BlockTables tb;
@@ -484,10 +487,13 @@ __global__ void __launch_bounds__(kThreads, 4) pa_partial_kernel(const PrefixAtt
     queries_thread(p, C::QM, tid, tb, qs);
     Lane<DC> st;
     lane_init(st);
+    // A warp whose rows are all unused (a GQA group smaller than the block) still loads tiles, computes nothing.
+    const bool active = warp_active(k, C::QM, C::R, warp);
     for (i64 n0 = k.lo; n0 < k.hi; n0 += C::KT) {
       __syncthreads();  // queries stored / the previous tile consumed
       tile_dispatch<DC>(p, k, n0, tid, tb, ks, vs);
       __syncthreads();
+      if (!active) continue;  // warp-uniform; nothing below synchronises the block
       score_lane<DC>(D, warp, lane, qs, ks, st);
       PA_UNROLL for (int off = C::KT; off < kWarp; off <<= 1) {
         PA_UNROLL for (int r = 0; r < C::R; ++r) st.s[r] += shfl_xor(st.s[r], off);
@@ -532,6 +538,7 @@ void partial_item_host(const PrefixAttnParams& p, const Work& k, std::vector<flo
   for (i64 n0 = k.lo; n0 < k.hi; n0 += C::KT) {
     for (int tid = 0; tid < kThreads; ++tid) tile_dispatch<DC>(p, k, n0, tid, tb, ks, vs);
     for (int warp = 0; warp < kWarps; ++warp) {
+      if (!warp_active(k, C::QM, C::R, warp)) continue;
       Lane<DC>* L = &st[static_cast<std::size_t>(warp) * kWarp];
       for (int lane = 0; lane < kWarp; ++lane) score_lane<DC>(D, warp, lane, qs, ks, L[lane]);
       for (int off = C::KT; off < kWarp; off <<= 1) {
