@@ -683,7 +683,8 @@ int check_params(const PrefixAttnParams& p) {
       p.Hq % p.Hkv != 0 || p.Lk < 0 || p.P < 0 || p.T < 1 || p.S < 1 || p.SP < 0 || p.SP + p.S > kPaMaxParts)
     return kInvalid;
   if (!valid_code(p.dtype) || !valid_code(p.p_dtype) || p.len_dtype < 0 || p.len_dtype > 1) return kInvalid;
-  if (!p.q || !p.k || !p.v || !p.part_o || !p.part_lse || !p.out || !p.lse) return kInvalid;
+  // an empty own cache (Lk = 0) has no storage: its pointers may be 0, and no key is read
+  if (!p.q || (p.Lk > 0 && (!p.k || !p.v)) || !p.part_o || !p.part_lse || !p.out || !p.lse) return kInvalid;
   if ((p.P > 0) != (p.SP > 0) || (p.SP > 0 && (!p.pk || !p.pv))) return kInvalid;
   if (p.rows && !p.task_off) return kInvalid;
   const i64 kt = prefix_attention_key_tile(p.D);
