@@ -76,6 +76,7 @@ SHAPES["label_map"] = {
 
 # prefix_attention. Keys: name; kind ("train": Lq = Lk = L, causal; "decode": Lq = 1 against an own cache of Lk
 # keys with kv_lengths, causal); B, Hq, Hkv, L (train) or Lk (decode), P (a shared (Hkv, P, d) prefix), d;
+# T (optional, decode: a (T, Hkv, P, d) prefix table, one task per row drawn by task_ids; absent = shared);
 # gpu_only (skipped on the CPU: too large to time there); dtypes (q, k, v and the prefix); modes ("fwd",
 # "fwd+bwd": gradients of q, k, v and the prefix; decode is fwd only).
 _PA_TRAIN = dict(kind="train", name="train", modes=("fwd", "fwd+bwd"))
@@ -88,6 +89,13 @@ SHAPES["prefix_attention"] = {
           for P in (32, 128)),
         *(dict(_PA_DECODE, B=B, Hq=32, Hkv=8, Lk=Lk, P=P, d=128, gpu_only=True, dtypes=("bfloat16",))
           for B in (16, 64, 256) for P in (512, 2048, 8192) for Lk in (128, 1024)),
+        # small-batch decoding (one user, a few): B * (Hq // Hkv) * Lq = 4 or 16 queries read each prefix kv
+        # head, where auto picks the cuda decode kernel (CUDA cores, the prefix read once per kv head and split)
+        # over Triton's tensor-core stage 1; and a 4-task prefix table at B = 4.
+        *(dict(_PA_DECODE, B=B, Hq=32, Hkv=8, Lk=Lk, P=P, d=128, gpu_only=True, dtypes=("bfloat16",))
+          for B in (1, 4) for P in (2048, 8192) for Lk in (128, 1024)),
+        dict(_PA_DECODE, name="decode-tasks", B=4, T=4, Hq=32, Hkv=8, Lk=1024, P=2048, d=128, gpu_only=True,
+             dtypes=("bfloat16",)),
         dict(_PA_TRAIN, B=8, Hq=8, Hkv=8, L=256, P=64, d=64, gpu_only=False, dtypes=("float32",)),
         dict(_PA_DECODE, B=64, Hq=8, Hkv=8, Lk=128, P=2048, d=64, gpu_only=False, dtypes=("float32",)),
     ],

@@ -60,7 +60,7 @@ def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
         reader = csv.DictReader(f)
         assert reader.fieldnames == [f.name for f in dataclasses.fields(Row)]
         rows = list(reader)
-    assert len(rows) == 5 * 2 + 5  # train: 5 providers x (fwd, fwd+bwd); decode: 5 providers x fwd
+    assert len(rows) == 6 * 2 + 6  # train: 6 providers x (fwd, fwd+bwd); decode: 6 providers x fwd
     assert {(r["op"], r["dtype"]) for r in rows} == {("prefix_attention", "float32")}
     timed = [r for r in rows if r["median_ms"]]
     assert {r["provider"] for r in timed} == TIMED
@@ -71,7 +71,7 @@ def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
         assert "MISMATCH" not in r["note"], r
         assert r["device"].startswith("cpu") and r["git_sha"] and r["timestamp"]
     skipped = [r for r in rows if not r["median_ms"]]
-    assert {r["provider"] for r in skipped} == {"triton", "ideal-sdpa"}
+    assert {r["provider"] for r in skipped} == {"triton", "ideal-sdpa", "cuda"}
     for r in skipped:
         assert r["note"] and not r["p20_ms"] and not r["gbps"], r
     assert all("GPU" in r["note"] for r in skipped if r["provider"] == "triton")

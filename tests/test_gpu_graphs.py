@@ -5,6 +5,10 @@ the expected values; the same step under ``torch.cuda.set_sync_debug_mode("error
 (a blocking copy, ``item()``, ``nonzero``... raises); the step captured in a CUDA graph, replayed on new
 input values copied into the static inputs, must equal an eager step on those values bit for bit (the kernels
 are deterministic: no atomics in default paths). Skipped without a CUDA device (the ``gpu`` marker).
+
+Forward-only steps (inside ``torch.no_grad()``): prefix_attention's decode path at sizes where ``auto`` picks the
+cuda kernel (B * (Hq // Hkv) * Lq <= 16; a shared prefix and a task table, ragged kv_lengths, Lq = 1 and 4) on
+``auto`` and ``cuda``, and merge_attention_states on ``cuda``: the cuda decode backend has no backward.
 """
 
 from __future__ import annotations
@@ -24,6 +28,11 @@ Step = Callable[[], list[torch.Tensor]]
 def _backends(op: str) -> list[str]:
     has_cuda = op in ("visual_prompt", "soft_prompt_concat", "label_map", "label_histogram")
     return ["triton", "auto"] + (["cuda"] if has_cuda and rk.cuda_available() else [])
+
+
+def _decode_backends() -> list[str]:
+    """prefix_attention's decode path (forward only): auto (cuda at these small sizes, where built) and cuda."""
+    return ["auto"] + (["cuda"] if rk.cuda_available() else [])
 
 
 def _grads(out: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
@@ -128,6 +137,45 @@ def _prefix_decode(backend: str, dtype: torch.dtype) -> tuple[Step, list[torch.T
     return step, [q, k, v, pk, pv]
 
 
+def _prefix_decode_small(backend: str, dtype: torch.dtype, tasks: bool, lq: int = 1
+                         ) -> tuple[Step, list[torch.Tensor]]:
+    """Decode at B * (Hq // Hkv) * Lq <= 16 queries per prefix kv head (where auto picks the cuda kernel): a
+    shared prefix or a (T, Hkv, P, d) table with task_ids, ragged kv_lengths, GQA, forward only (no_grad)."""
+    dev = "cuda"
+    B = 3 if lq == 1 else 1
+    q = torch.randn(B, 8, lq, 128, device=dev, dtype=dtype)
+    k = torch.randn(B, 2, 300, 128, device=dev, dtype=dtype)
+    v = torch.randn(B, 2, 300, 128, device=dev, dtype=dtype)
+    pshape = (3, 2, 700, 128) if tasks else (2, 700, 128)
+    pk = torch.randn(pshape, device=dev, dtype=dtype)
+    pv = torch.randn(pshape, device=dev, dtype=dtype)
+    kvl = torch.tensor([1, 300, 137][:B], device=dev)  # ragged, the full capacity included
+    tid = torch.tensor([2, 0, 2][:B], device=dev) if tasks else None
+    assert B * (q.shape[1] // k.shape[1]) * lq <= 16
+
+    def step() -> list[torch.Tensor]:
+        with torch.no_grad():
+            o, lse = rk.prefix_attention(q, k, v, pk, pv, task_ids=tid, kv_lengths=kvl, causal=True, return_lse=True,
+                                         backend=backend)
+        return [o, lse]
+    return step, [q, k, v, pk, pv, kvl] + ([tid] if tasks else [])
+
+
+def _merge_cuda(dtype: torch.dtype) -> tuple[Step, list[torch.Tensor]]:
+    """merge_attention_states on the cuda kernel, forward (no_grad): o_b a strided view, fp32 lse."""
+    dev = "cuda"
+    oa = torch.randn(3, 4, 17, 64, device=dev, dtype=dtype)
+    ob = torch.randn(3, 17, 4, 64, device=dev, dtype=dtype).transpose(1, 2)  # non-contiguous rows
+    la = torch.randn(3, 4, 17, device=dev)
+    lb = torch.randn(3, 4, 17, device=dev)
+
+    def step() -> list[torch.Tensor]:
+        with torch.no_grad():
+            o, lse = rk.merge_attention_states(oa, la, ob, lb, backend="cuda")
+        return [o, lse]
+    return step, [oa, ob, la, lb]
+
+
 def _merge(dtype: torch.dtype) -> tuple[Step, list[torch.Tensor]]:
     dev = "cuda"
     oa = torch.randn(3, 4, 17, 64, device=dev, dtype=dtype, requires_grad=True)
@@ -162,7 +210,13 @@ for _dt in DT:
         if _dt != torch.float32:
             CASES.append((f"prefix_train-{_b}-{_n}+fp32prefix",
                           lambda b=_b, d=_dt: _prefix_train(b, d, torch.float32)))
+    for _b in _decode_backends():
+        CASES.append((f"prefix_decode_small-{_b}-{_n}", lambda b=_b, d=_dt: _prefix_decode_small(b, d, False)))
+        CASES.append((f"prefix_decode_tasks-{_b}-{_n}", lambda b=_b, d=_dt: _prefix_decode_small(b, d, True)))
+        CASES.append((f"prefix_decode_lq4-{_b}-{_n}", lambda b=_b, d=_dt: _prefix_decode_small(b, d, True, lq=4)))
     CASES.append((f"merge_attention_states-{_n}", lambda d=_dt: _merge(d)))
+    if rk.cuda_available():
+        CASES.append((f"merge_attention_states-cuda-{_n}", lambda d=_dt: _merge_cuda(d)))
 
 
 def _refill(inputs: list[torch.Tensor]) -> None:
