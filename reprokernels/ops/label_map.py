@@ -7,6 +7,7 @@ import importlib
 import torch
 
 from .._amp import no_autocast
+from .._apply import apply_function
 from .._backend import register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -161,5 +162,5 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
         f"mapping_dtype={m2.dtype}", f"input={input}"))
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
-    out, _ = LabelMapFunction.apply(flat, m2, reduce, input, chosen)
+    out, _ = apply_function(LabelMapFunction, flat, m2, reduce, input, chosen)
     return out.reshape(*lead, out.shape[-1])

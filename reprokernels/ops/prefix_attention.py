@@ -9,6 +9,7 @@ import math
 import torch
 
 from .._amp import no_autocast
+from .._apply import apply_function
 from .._backend import backend_status, default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -291,8 +292,8 @@ def prefix_attention(
     if chosen == "triton":
         check_float(q, "q", KERNEL_DTYPES)
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-    out, lse = PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths,
-                                             bool(causal), scale, chosen)
+    out, lse = apply_function(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                              kv_lengths, bool(causal), scale, chosen)
     return (out, lse) if return_lse else out
 
 

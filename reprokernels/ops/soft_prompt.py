@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._apply import apply_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -230,8 +231,8 @@ def soft_prompt_concat(
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
                             f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")
     assert tokens_dtype in FLOAT_DTYPES
-    embeds = SoftPromptConcatFunction.apply(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
-                                            scale, chosen)
+    embeds = apply_function(SoftPromptConcatFunction, prompt, input_ids, inputs_embeds, embedding_weight, task_ids,
+                            insert_at, scale, chosen)
     mask_out = labels_out = position_ids = None
     if attention_mask is not None or labels is not None:
         j = torch.arange(P + L, device=prompt.device).view(1, -1)

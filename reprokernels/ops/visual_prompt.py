@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .._apply import apply_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -314,4 +315,4 @@ def visual_prompt(
     if chosen != "reference":
         check_float(x, "x", KERNEL_DTYPES)
     ints, floats, modes = spec.to_schema()
-    return VisualPromptFunction.apply(x, delta, mask_t, mean_t, std_t, ints, floats, modes, chosen)
+    return apply_function(VisualPromptFunction, x, delta, mask_t, mean_t, std_t, ints, floats, modes, chosen)
