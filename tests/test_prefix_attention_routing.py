@@ -72,13 +72,13 @@ def test_auto_falls_back_when_cuda_cannot_serve(monkeypatch):
     instead, with the reference's result and gradient."""
     monkeypatch.setattr(op, "resolve_backend_for", lambda *a, **k: "cuda")
     seen = []
-    real = op.PrefixAttentionFunction.apply
+    real = op.apply_function
 
-    def spy(*args):
+    def spy(fn, *args):
         seen.append(args[-1])
-        return real(*args)
+        return real(fn, *args)
 
-    monkeypatch.setattr(op.PrefixAttentionFunction, "apply", spy)
+    monkeypatch.setattr(op, "apply_function", spy)
     q, k, v, pk, pv = _inputs(grad=True)
     out = rk.prefix_attention(q, k, v, pk, pv)
     assert seen and seen[-1] in ("triton", "composite")
@@ -100,3 +100,41 @@ def test_merge_auto_stays_reference_for_gradients_and_float64(monkeypatch):
     od = torch.randn(3, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         rk.merge_attention_states(od, la, od, la, backend="cuda")
+
+
+# ---- registration of the cuda path: opcheck with the kernels' host emulation standing in for the device --------
+
+def _emulating(monkeypatch):
+    """The registered ops' 'cuda' backend runs the CUDA kernels' host emulation on CPU tensors."""
+    from reprokernels import _cuda
+    if not _cuda.extension_built():
+        pytest.skip("reprokernels._C is not built")
+    import functools
+
+    from reprokernels.cuda import prefix_attention as cu
+    monkeypatch.setattr(cu, "prefix_attention", functools.partial(cu.prefix_attention, emulate=True))
+    monkeypatch.setattr(cu, "merge_attention_states", functools.partial(cu.merge_attention_states, emulate=True))
+
+
+@pytest.mark.parametrize("tasks", [False, True])
+def test_opcheck_cuda_decode_forward(monkeypatch, tasks):
+    _emulating(monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    B, Hq, Hkv, Lk, P, d = 3, 4, 2, 11, 7, 32
+    q = torch.randn(B, Hq, 2, d, generator=g)
+    k, v = torch.randn(B, Hkv, Lk, d, generator=g), torch.randn(B, Hkv, Lk, d, generator=g)
+    shape = (2, Hkv, P, d) if tasks else (Hkv, P, d)
+    pk, pv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    tid = torch.tensor([1, 0, 1]) if tasks else None
+    kvl = torch.tensor([11, 0, 5])
+    torch.library.opcheck(torch.ops.reprokernels.prefix_attention_fwd,
+                          (q, k, v, pk, pv, tid, None, kvl, True, 0.3, "cuda"))
+
+
+def test_opcheck_cuda_merge(monkeypatch):
+    _emulating(monkeypatch)
+    g = torch.Generator().manual_seed(2)
+    oa, ob = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g).to(torch.bfloat16)
+    la, lb = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    la[0, 0] = float("-inf")
+    torch.library.opcheck(torch.ops.reprokernels.merge_attention_states_fwd, (oa, la, ob, lb, "cuda"))
