@@ -9,6 +9,7 @@ CPU allocator events (benchmarks/common.py). Rows are appended to <out>/bench_cp
 ./reprokernels-bench/); benchmarks/results is never written.
 
     python -m benchmarks.cpu_cases [--rounds 15] [--out DIR] [--quick] [--case WORD] [--providers eager,cpu]
+                                   [--dtype float32|float16|bfloat16]
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def _grad_of(out):
     return torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(out.dtype)
 
 
-def case_label_words(B=64, V=128_256, T=10):
-    x = torch.randn(B, V, requires_grad=True)
+def case_label_words(B=64, V=128_256, T=10, dtype=torch.float32):
+    x = torch.randn(B, V, dtype=dtype, requires_grad=True)
     idx = torch.randperm(V)[:T]
     go = _grad_of(torch.empty(B, T))
 
@@ -49,68 +50,69 @@ def case_label_words(B=64, V=128_256, T=10):
     def ours(backend):
         return lambda x: rk.label_map(x, idx, input="log_probs", backend=backend)
 
-    nbytes = 2 * x.numel() * 4  # read logits, write d logits
+    nbytes = 2 * x.numel() * x.element_size()  # read logits, write d logits
     return "label words log_probs B64 V128256", [x], eager, ours, go, nbytes
 
 
-def case_soft_prompt(B=64, L=128, P=20, D=768, V=32_000):
-    weight = torch.randn(V, D)
+def case_soft_prompt(B=64, L=128, P=20, D=768, V=32_000, dtype=torch.float32):
+    weight = torch.randn(V, D, dtype=dtype)
     ids = torch.randint(0, V, (B, L))
     prompt = torch.randn(P, D, requires_grad=True)
-    go = _grad_of(torch.empty(B, P + L, D))
+    go = _grad_of(torch.empty(B, P + L, D, dtype=dtype))
 
-    def eager(prompt):
-        return torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), F.embedding(ids, weight)], 1)
+    def eager(prompt):  # PEFT casts the float32 prompt to the embedding's dtype
+        return torch.cat([prompt.to(dtype).unsqueeze(0).expand(B, -1, -1), F.embedding(ids, weight)], 1)
 
     def ours(backend):
         return lambda prompt: rk.soft_prompt_concat(prompt, input_ids=ids, embedding_weight=weight,
                                                     backend=backend).inputs_embeds
 
-    nbytes = (B * L * D * 4) + 2 * (B * (P + L) * D * 4)  # gathered rows, out written, grad read once
+    es = weight.element_size()
+    nbytes = (B * L * D * es) + 2 * (B * (P + L) * D * es)  # gathered rows, out written, grad read once
     return "soft prompt B64 L128 P20 D768 (ids)", [prompt], eager, ours, go, nbytes
 
 
-def case_vp_frame(B=128, S=224, p=30):
-    x = torch.rand(B, 3, S, S)
+def case_vp_frame(B=128, S=224, p=30, dtype=torch.float32):
+    x = torch.rand(B, 3, S, S).to(dtype)
     delta = torch.zeros(3, S, S).normal_(0, 0.1).requires_grad_()
     mask = torch.ones(S, S)
     mask[p:S - p, p:S - p] = 0
-    go = _grad_of(torch.empty(B, 3, S, S))
+    go = _grad_of(torch.empty(B, 3, S, S, dtype=dtype))
 
-    def eager(delta):
-        return x + delta * mask
+    def eager(delta):  # a float32 delta beside 16-bit images: the sum in x's dtype, as the op returns
+        return (x + delta * mask).to(dtype)
 
     def ours(backend):
         return lambda delta: rk.visual_prompt(x, delta, mask="frame", mask_width=p, backend=backend)
 
-    nbytes = 3 * x.numel() * 4  # x read, out written, grad read
+    nbytes = 3 * x.numel() * x.element_size()  # x read, out written, grad read
     return "VP pad frame 30px at 224 B128", [delta], eager, ours, go, nbytes
 
 
-def case_ilm_vp(B=128, h=32, S=224):
-    x = torch.rand(B, 3, h, h)
+def case_ilm_vp(B=128, h=32, S=224, dtype=torch.float32):
+    x = torch.rand(B, 3, h, h).to(dtype)
     delta = torch.zeros(3, S, S).normal_(0, 0.1).requires_grad_()
     pad = (S - h + 1) // 2
     mask = torch.ones(3, S, S)
     mask[:, pad:pad + h, pad:pad + h] = 0
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    go = _grad_of(torch.empty(B, 3, S, S))
+    go = _grad_of(torch.empty(B, 3, S, S, dtype=dtype))
 
     def eager(delta):
         v = F.pad(x, (pad, S - h - pad, pad, S - h - pad)) + torch.sigmoid(delta) * mask
-        return (v - mean) / std
+        return ((v - mean) / std).to(dtype)
 
     def ours(backend):
         return lambda delta: rk.visual_prompt(x, delta, squash="sigmoid", mean=[0.485, 0.456, 0.406],
                                               std=[0.229, 0.224, 0.225], backend=backend)
 
-    nbytes = x.numel() * 4 + 2 * B * 3 * S * S * 4
+    nbytes = (x.numel() + 2 * B * 3 * S * S) * x.element_size()
     return "ILM-VP expansive 32->224 B128", [delta], eager, ours, go, nbytes
 
 
-def case_flm(N=20_000, K=1000, T=10):
-    logits = torch.randn(N, K)
+def case_flm(N=20_000, K=1000, T=10, dtype=torch.float32):
+    logits = torch.randn(N, K, dtype=dtype)
     y = torch.randint(0, T, (N,))
 
     def eager():
@@ -121,7 +123,7 @@ def case_flm(N=20_000, K=1000, T=10):
     def ours(backend):
         return lambda: rk.label_histogram(logits, y, K, T, backend=backend)
 
-    return "FLM histogram N20000 1000->10", [], eager, ours, None, logits.numel() * 4
+    return "FLM histogram N20000 1000->10", [], eager, ours, None, logits.numel() * logits.element_size()
 
 
 CASES = [case_label_words, case_soft_prompt, case_vp_frame, case_ilm_vp, case_flm]
@@ -147,13 +149,15 @@ def _provider(name, eager, ours):
     return ours(name)
 
 
-def run(rounds: int, out_dir: Path, case: str = "", providers_wanted: tuple[str, ...] = PROVIDERS) -> list[dict]:
+def run(rounds: int, out_dir: Path, case: str = "", providers_wanted: tuple[str, ...] = PROVIDERS,
+        dtype: torch.dtype = torch.float32) -> list[dict]:
     bw = copy_bandwidth_gbs()
     threads = torch.get_num_threads()
     print(f"copy bandwidth {bw:.1f} GB/s, {threads} threads; medians of {rounds} interleaved rounds")
     rows = []
     for make in CASES:
-        name, params, eager, ours, go, nbytes = make()
+        name, params, eager, ours, go, nbytes = make(dtype=dtype)
+        name = name if dtype == torch.float32 else f"{name} {str(dtype).replace('torch.', '')}"
         if case.lower() not in name.lower():
             continue
         # eager always runs: it is the check of every output and the denominator of the ratios
@@ -162,7 +166,8 @@ def run(rounds: int, out_dir: Path, case: str = "", providers_wanted: tuple[str,
         want = providers["eager"]()
         for prov, fn in providers.items():  # warm up (compile) and check outputs first
             got = fn()
-            torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4, msg=f"{name} {prov}")
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol, msg=f"{name} {prov}")
         times: dict[str, list[float]] = {p: [] for p in providers}
         for _ in range(rounds):
             for prov, fn in providers.items():
@@ -201,12 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="3 rounds")
     ap.add_argument("--case", default="", help="only the cases whose name contains this (case-insensitive)")
     ap.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset (eager always runs)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="of the activations (logits, images, the embedding table); parameters stay float32")
     args = ap.parse_args(argv)
     wanted = tuple(p.strip() for p in args.providers.split(",") if p.strip())
     unknown = sorted(set(wanted) - set(PROVIDERS))
     if unknown:
         ap.error(f"--providers: unknown {unknown}; expected a subset of {', '.join(PROVIDERS)}")
-    run(3 if args.quick else args.rounds, args.out, args.case, wanted)
+    run(3 if args.quick else args.rounds, args.out, args.case, wanted, getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":

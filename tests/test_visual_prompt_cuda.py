@@ -34,10 +34,10 @@ def spec_of(x: torch.Tensor, delta: torch.Tensor, **kwargs):
     """(mask, mean, std, spec) exactly as the public function normalises them for the backends."""
     captured = {}
 
-    def capture(*args):
+    def capture(fn, *args):
         captured["args"] = args
 
-    with mock.patch.object(vp_ops.VisualPromptFunction, "apply", capture):
+    with mock.patch.object(vp_ops, "apply_function", capture):
         reprokernels.visual_prompt(x, delta, backend="reference", **kwargs)
     _, _, mask, mean, std, ints, floats, modes, _ = captured["args"]
     return mask, mean, std, VPSpec.from_schema(ints, floats, modes)
