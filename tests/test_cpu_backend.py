@@ -369,14 +369,15 @@ def test_auto_routes_to_cpu_only_for_a_supported_case():
     lm = ("mapping=index", "mapping_dtype=torch.int64", "input=log_probs")
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", *lm)) == "cpu"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float64", *lm)) == "reference"
-    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.bfloat16", *lm)) == "reference"  # unmeasured
+    assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.bfloat16", *lm)) == "cpu"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", "mapping=index",
                                                            "mapping_dtype=torch.int64", "input=logits")) == "reference"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", "mapping=dense",
                                                            "mapping_dtype=torch.float32", "input=probs")) == "reference"
     vp = ("resize=none", "mask=fixed", "delta=shared")
     assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.float32", *vp)) == "cpu"
-    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.bfloat16", *vp)) == "reference"
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.bfloat16", *vp)) == "cpu"
+    assert resolve_backend("visual_prompt", "auto", CPU, case=("dtype=torch.float64", *vp)) == "reference"
     assert resolve_backend("visual_prompt", "auto", CPU,
                            case=("dtype=torch.float32", "resize=nearest", "mask=fixed", "delta=shared")) == "reference"
     assert resolve_backend("visual_prompt", "auto", CPU,
@@ -384,10 +385,13 @@ def test_auto_routes_to_cpu_only_for_a_supported_case():
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=count")) == "cpu"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=prob")) == "reference"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.int64", "weight=count")) == "reference"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float16", "weight=count")) == "cpu"
     assert resolve_backend("soft_prompt_concat", "auto", CPU,
                            case=("prompt_dtype=torch.float32", "tokens_dtype=torch.float32")) == "cpu"
     assert resolve_backend("soft_prompt_concat", "auto", CPU,
                            case=("prompt_dtype=torch.float32", "tokens_dtype=torch.float64")) == "reference"
+    assert resolve_backend("soft_prompt_concat", "auto", CPU,
+                           case=("prompt_dtype=torch.float32", "tokens_dtype=torch.bfloat16")) == "cpu"
 
 
 def test_auto_through_the_ops_picks_what_was_measured():
