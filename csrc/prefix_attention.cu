@@ -585,49 +585,54 @@ void partial_item_host(const PrefixAttnParams& p, const Work& k, std::vector<flo
 
 // ---- merge ------------------------------------------------------------------------------------------------------
 
-// The weights of n partitions with LSEs l (the reference's limits), their combined LSE and the coefficient c_s of
-// each partition's o (w_s / sum w; a weight-0 partition's o must not be read: c_s = 0 and use_s false).
-PA_HD void merge_weights(const float* l, int n, float* c, bool* use, float& lse) {
-  int n_inf = 0;
-  for (int s = 0; s < n; ++s) n_inf += l[s] == INFINITY;
-  float w[kPaMaxParts];
-  float sum = 0.f;
-  float m = 0.f;
-  if (n_inf > 0) {
-    for (int s = 0; s < n; ++s) w[s] = l[s] == INFINITY ? 1.f : 0.f;
-  } else {
-    m = kNegInf;
-    for (int s = 0; s < n; ++s) m = nanmax(m, l[s]);
-    if (m == kNegInf) m = 0.f;
-    for (int s = 0; s < n; ++s) w[s] = expf(l[s] - m);
-  }
-  for (int s = 0; s < n; ++s) sum += w[s];
-  const bool seen = !(sum == 0.f);
-  const float safe = seen ? sum : 1.f;
-  lse = n_inf > 0 ? INFINITY : (seen ? m + logf(safe) : kNegInf);
+// The merge of n partitions with LSEs l_0 .. l_{n-1} (the reference's limits): the weight of partition s is
+// merge_weight(st, l_s) -- exp(l_s - m) with m the largest LSE; 1 for a +inf partition and 0 for the others when any
+// is +inf -- and its o is multiplied by weight / st.safe, and read only where the weight is not 0 (a -inf
+// partition's o may hold anything). Two passes over the LSEs instead of arrays of weights: no local memory.
+struct MergeStats {
+  int n_inf;    // partitions with lse = +inf
+  float m;      // the largest lse (0 when every lse is -inf, or when one is +inf)
+  float safe;   // the sum of the weights, 1 where it is 0 (nothing seen)
+  float lse;    // the merged lse
+};
+
+PA_HD float merge_weight(const MergeStats& st, float l) {
+  return st.n_inf > 0 ? (l == INFINITY ? 1.f : 0.f) : expf(l - st.m);
+}
+
+template <typename ReadLse>
+PA_HD MergeStats merge_stats(const ReadLse& lse_of, int n) {
+  MergeStats st{0, kNegInf, 1.f, kNegInf};
   for (int s = 0; s < n; ++s) {
-    use[s] = !(w[s] == 0.f);
-    c[s] = w[s] / safe;
+    const float l = lse_of(s);
+    st.n_inf += l == INFINITY;
+    st.m = nanmax(st.m, l);
   }
+  if (st.n_inf > 0 || st.m == kNegInf) st.m = 0.f;
+  float sum = 0.f;
+  for (int s = 0; s < n; ++s) sum += merge_weight(st, lse_of(s));
+  const bool seen = !(sum == 0.f);  // NaN counts as seen: it propagates
+  st.safe = seen ? sum : 1.f;
+  st.lse = st.n_inf > 0 ? INFINITY : (seen ? st.m + logf(st.safe) : kNegInf);
+  return st;
 }
 
 // Decode merge, lane `lane` of the warp of query row `row`: its columns of out, and lse (lane 0).
 PA_HD void merge_parts_lane(const PrefixAttnParams& p, i64 row, int lane) {
   const i64 R = p.B * p.Hq * p.Lq;
   const int n = static_cast<int>(p.SP + p.S);
-  float l[kPaMaxParts], c[kPaMaxParts];
-  bool use[kPaMaxParts];
-  for (int s = 0; s < n; ++s) l[s] = cptr<float>(p.part_lse)[s * R + row];
-  float lse;
-  merge_weights(l, n, c, use, lse);
+  const float* ls = cptr<float>(p.part_lse) + row;
+  const auto lse_of = [&](int s) { return ls[s * R]; };
+  const MergeStats st = merge_stats(lse_of, n);
   for (i64 col = lane; col < p.D; col += kWarp) {
     float acc = 0.f;
     for (int s = 0; s < n; ++s) {
-      if (use[s]) acc += cptr<float>(p.part_o)[(s * R + row) * p.D + col] * c[s];
+      const float w = merge_weight(st, lse_of(s));
+      if (!(w == 0.f)) acc += cptr<float>(p.part_o)[(s * R + row) * p.D + col] * (w / st.safe);
     }
     st_float(p.out, p.dtype, row * p.D + col, acc);
   }
-  if (lane == 0) mptr<float>(p.lse)[row] = lse;
+  if (lane == 0) mptr<float>(p.lse)[row] = st.lse;
 }
 
 __global__ void __launch_bounds__(kThreads) pa_merge_kernel(const PrefixAttnParams p) {
@@ -652,18 +657,17 @@ PA_HD i64 row_offset(const MergeStatesParams& p, const std::array<i64, 4>& st, i
 PA_HD void merge_states_lane(const MergeStatesParams& p, i64 row, int lane) {
   const float l[2] = {ld_float(p.la, p.la_dtype, row_offset(p, p.la_s, row)),
                       ld_float(p.lb, p.lb_dtype, row_offset(p, p.lb_s, row))};
-  float c[2];
-  bool use[2];
-  float lse;
-  merge_weights(l, 2, c, use, lse);
+  const auto lse_of = [&](int s) { return l[s]; };
+  const MergeStats st = merge_stats(lse_of, 2);
+  const float wa = merge_weight(st, l[0]), wb = merge_weight(st, l[1]);
   const i64 oa = row_offset(p, p.oa_s, row), ob = row_offset(p, p.ob_s, row);
   for (i64 col = lane; col < p.D; col += kWarp) {
     float acc = 0.f;
-    if (use[0]) acc += ld_float(p.oa, p.oa_dtype, oa + col * p.oa_sd) * c[0];
-    if (use[1]) acc += ld_float(p.ob, p.ob_dtype, ob + col * p.ob_sd) * c[1];
+    if (!(wa == 0.f)) acc += ld_float(p.oa, p.oa_dtype, oa + col * p.oa_sd) * (wa / st.safe);
+    if (!(wb == 0.f)) acc += ld_float(p.ob, p.ob_dtype, ob + col * p.ob_sd) * (wb / st.safe);
     st_float(p.o, p.o_dtype, row * p.D + col, acc);
   }
-  if (lane == 0) mptr<float>(p.lse)[row] = lse;
+  if (lane == 0) mptr<float>(p.lse)[row] = st.lse;
 }
 
 __global__ void __launch_bounds__(kThreads) merge_states_kernel(const MergeStatesParams p) {
