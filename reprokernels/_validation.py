@@ -84,7 +84,10 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty integer tensor with one device-to-host sync (a range check before a launch)."""
-    lo, hi = torch.stack([t.min(), t.max()]).tolist()
+    lo, hi = torch.aminmax(t)
+    if t.device.type == "cpu":  # no sync to save: two scalar reads are cheaper than a stack
+        return int(lo), int(hi)
+    lo, hi = torch.stack([lo, hi]).tolist()
     return int(lo), int(hi)
 
 
@@ -135,7 +138,8 @@ def checks_are_eager(device: torch.device) -> bool:
 
 def _values_unreadable(t: torch.Tensor) -> bool:
     """Meta and fake tensors (model construction on the meta device, torch.compile tracing) have no values."""
-    return t.device.type == "meta" or torch.compiler.is_compiling() or is_fake(t)
+    # a plain torch.Tensor is never fake: skip is_fake's subclass walk on the hot path
+    return t.device.type == "meta" or torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
 def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = "") -> None:
