@@ -283,11 +283,12 @@ def test_label_map_degenerate_sizes():
 
 # ---------------------------------------------------------------- label_histogram
 
+@pytest.mark.parametrize("layout", ["transposed", "contiguous"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight,topk", [("count", None), ("prob", None), ("prob", 3)])
-def test_label_histogram_matches_reference(dtype, weight, topk):
+@pytest.mark.parametrize("weight,topk", [("count", None), ("prob", None), ("prob", 3), ("prob", 1)])
+def test_label_histogram_matches_reference(dtype, weight, topk, layout):
     g = torch.Generator().manual_seed(5)
-    x = as_layout(torch.randn(41, 17, generator=g).to(dtype), "transposed")
+    x = as_layout(torch.randn(41, 17, generator=g).to(dtype), layout)
     x[3, 4] = x[3, 5] = x[3].max() + 1  # ties
     y = torch.randint(0, 5, (41,), generator=g)
     start = torch.rand(17, 5)
@@ -383,7 +384,7 @@ def test_auto_routes_to_cpu_only_for_a_supported_case():
     assert resolve_backend("visual_prompt", "auto", CPU,
                            case=("dtype=torch.float32", "resize=none", "mask=tensor", "delta=shared")) == "reference"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=count")) == "cpu"
-    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=prob")) == "reference"
+    assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=prob")) == "cpu"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.int64", "weight=count")) == "reference"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float16", "weight=count")) == "cpu"
     assert resolve_backend("soft_prompt_concat", "auto", CPU,

@@ -1,8 +1,8 @@
 // label_histogram on the CPU. count: the argmax of each row (torch.argmax's rule: first maximum, first NaN
 // wins) by one thread per row, then the counts added in sample order (integers: exact). prob: each row's softmax
-// statistics and its top-k cut (the k-th largest value and how many ties at it are kept, lowest source first),
-// then one thread per block of sources adds the kept probabilities in sample order into float64 sums, stored as
-// float32 into the running statistic. Spec: reprokernels/reference/label_histogram.py.
+// statistics (vectorised max and float32 sum of exp) and its top-k cut (the k-th largest value and how many ties at
+// it are kept, lowest source first; top-1 is the first maximum, no selection), then one thread per block of sources
+// adds the kept probabilities in sample order into float64 sums, stored as float32 into the running statistic. Spec: reprokernels/reference/label_histogram.py.
 #include <algorithm>
 #include <functional>
 #include <vector>
@@ -53,6 +53,39 @@ RK_CLONES std::int64_t row_argmax(const void* x, std::int64_t base, std::int64_t
   return 0;  // not reached: the maximum (or a NaN) is an element of the row
 }
 
+// Softmax statistics of one row for weight="prob": the max (NaN ignored), whether the row holds a NaN, and
+// sum exp(x - max) in float32 (two vectorised sweeps over a row that stays in cache).
+template <int DT>
+RK_CLONES void row_softmax_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out,
+                                 float* s_out, bool* nan_out) {
+  float m = -INFINITY;
+  std::int32_t nan = 0;
+  if (sk == 1) {
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  }
+  float s = 0.0f;
+  if (sk == 1) {
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k) - m);
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k * sk) - m);
+  }
+  *m_out = m;
+  *s_out = s;
+  *nan_out = nan != 0;
+}
+
 template <int DT>
 void run(const LabelHistogramParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
@@ -75,26 +108,31 @@ void run(const LabelHistogramParams& p) {
       if (in_range(pred[b], y[b])) out[pred[b] * p.out_sk + y[b] * p.out_st] += 1.0f;
     return;
   }
-  // prob: per row max, sum, and the top-k cut
+  // prob: per row max, sum, and the top-k cut. Top-1 without a NaN in the row (BLM+'s case) needs no selection:
+  // the kept source is the first maximum and its probability is exactly 1 / sum (exp(0) = 1), so such a row adds
+  // inv[b] at (argmax, y[b]) and is never read again.
   std::vector<float> mx(B), thr(B);
   std::vector<double> inv(B);
   std::vector<std::int64_t> last(B);  // the highest source index kept among the ties at thr
+  std::vector<std::uint8_t> top1(B);  // the row takes the top-1 shortcut
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> row(K);
+    std::vector<float> row, tmp;
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < B; ++b) {
-      float m = -INFINITY;
-      for (std::int64_t k = 0; k < K; ++k) {
-        row[k] = load<DT>(x, b * p.x_sb + k * p.x_sk);
-        m = row[k] > m ? row[k] : m;
-      }
-      double s = 0.0;
-      for (std::int64_t k = 0; k < K; ++k) s += std::exp(static_cast<double>(row[k]) - m);
+      float m, s;
+      bool nan;
+      row_softmax_stats<DT>(x, b * p.x_sb, p.x_sk, K, &m, &s, &nan);
       mx[b] = m;
-      inv[b] = 1.0 / s;
-      if (p.topk > 0) {
-        std::vector<float> tmp(row);
+      inv[b] = 1.0 / static_cast<double>(s);
+      top1[b] = p.topk == 1 && !nan;
+      if (top1[b]) {
+        thr[b] = m;
+        last[b] = row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
+      } else if (p.topk > 0) {
+        row.resize(static_cast<std::size_t>(K));
+        for (std::int64_t k = 0; k < K; ++k) row[k] = load<DT>(x, b * p.x_sb + k * p.x_sk);
+        tmp.assign(row.begin(), row.end());
         std::nth_element(tmp.begin(), tmp.begin() + (p.topk - 1), tmp.end(), std::greater<float>());
         const float kth = tmp[p.topk - 1];
         std::int64_t above = 0;
@@ -119,13 +157,17 @@ void run(const LabelHistogramParams& p) {
     for (std::int64_t blk = 0; blk < nblk; ++blk) {
       const std::int64_t k0 = blk * KB, k1 = std::min(K, k0 + KB);
       std::fill(acc.begin(), acc.end(), 0.0);
-      for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t b = 0; b < B; ++b) {  // sample order: every cell's sum is deterministic
         const std::int64_t t = y[b];
         if (t < 0 || t >= T) continue;
+        if (top1[b]) {
+          if (last[b] >= k0 && last[b] < k1) acc[(last[b] - k0) * T + t] += inv[b];
+          continue;
+        }
         for (std::int64_t k = k0; k < k1; ++k) {
           const float v = load<DT>(x, b * p.x_sb + k * p.x_sk);
           if (p.topk > 0 && !(v > thr[b] || (v == thr[b] && k <= last[b]))) continue;
-          acc[(k - k0) * T + t] += std::exp(static_cast<double>(v) - mx[b]) * inv[b];
+          acc[(k - k0) * T + t] += static_cast<double>(fast_exp(v - mx[b])) * inv[b];
         }
       }
       for (std::int64_t k = k0; k < k1; ++k)
