@@ -372,7 +372,7 @@ def test_auto_routes_to_cpu_only_for_a_supported_case():
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float64", *lm)) == "reference"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.bfloat16", *lm)) == "cpu"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", "mapping=index",
-                                                           "mapping_dtype=torch.int64", "input=logits")) == "reference"
+                                                           "mapping_dtype=torch.int64", "input=logits")) == "cpu"
     assert resolve_backend("label_map", "auto", CPU, case=("dtype=torch.float32", "mapping=dense",
                                                            "mapping_dtype=torch.float32", "input=probs")) == "reference"
     vp = ("resize=none", "mask=fixed", "delta=shared")
