@@ -136,6 +136,20 @@ void index_fwd(const LabelMapParams& p) {
   }
 }
 
+// d x of the mapped columns in place of xs: c (logits), p (c - S) (probs) or c - p S (log_probs), p = softmax.
+RK_CLONES void sparse_grads(int input, float* xs, const float* cs, std::int64_t n, float m, float ls, float S) {
+  if (input == 1) {
+#pragma omp simd
+    for (std::int64_t u = 0; u < n; ++u) xs[u] = fast_exp(xs[u] - m - ls) * (cs[u] - S);
+  } else if (input == 2) {
+#pragma omp simd
+    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u] - fast_exp(xs[u] - m - ls) * S;
+  } else {
+#pragma omp simd
+    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u];
+  }
+}
+
 struct Entry {
   std::int64_t col, tgt;
   float w;
@@ -152,6 +166,7 @@ void index_bwd(const LabelMapParams& p) {
   // The inverse table, sorted by source column; stable, so a column's contributions are added in (t, j) order:
   // the reference's index_add_ order.
   std::vector<Entry> entries;
+  entries.reserve(static_cast<std::size_t>(p.T * p.M));
   std::vector<float> tw(p.T, 0.0f);
   for (std::int64_t t = 0; t < p.T; ++t)
     for (std::int64_t j = 0; j < p.M; ++j) {
@@ -161,30 +176,50 @@ void index_bwd(const LabelMapParams& p) {
         tw[t] += w[t];
       }
     }
-  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
   const std::int64_t K = p.K;
-  advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
-#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
-  for (std::int64_t b = 0; b < p.B; ++b) {
-    const std::int64_t base = b * p.x_sb, obase = b * K;
-    auto gt = [&](std::int64_t t) { return load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st); };
-    float m = 0.0f, ls = 0.0f, S = 0.0f;
-    if (p.input != 0) {
-      m = lse[2 * b];
-      ls = lse[2 * b + 1];
-      for (std::int64_t t = 0; t < p.T; ++t) S += gt(t) * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
+  if (static_cast<std::int64_t>(entries.size()) * 16 > K) {  // many entries: a counting sort, O(E + K), stable
+    std::vector<std::int64_t> start(static_cast<std::size_t>(K) + 1, 0);
+    for (const Entry& e : entries) ++start[e.col + 1];
+    for (std::int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
+    std::vector<Entry> sorted(entries.size());
+    for (const Entry& e : entries) sorted[start[e.col]++] = e;
+    entries.swap(sorted);
+  } else {
+    std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
+  }
+  // the distinct columns and where each one's run of entries starts (runs[U] = the end)
+  std::vector<std::int64_t> cols, runs;
+  for (std::size_t e = 0; e < entries.size(); ++e)
+    if (e == 0 || entries[e].col != entries[e - 1].col) {
+      cols.push_back(entries[e].col);
+      runs.push_back(static_cast<std::int64_t>(e));
     }
-    softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
-    for (std::size_t e = 0; e < entries.size();) {
-      const std::int64_t k = entries[e].col;
-      float c = 0.0f;
-      for (; e < entries.size() && entries[e].col == k; ++e) c += gt(entries[e].tgt) * entries[e].w;
-      float v = c;
+  runs.push_back(static_cast<std::int64_t>(entries.size()));
+  const std::int64_t U = static_cast<std::int64_t>(cols.size());
+  advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
+#pragma omp parallel num_threads(threads_of(p.threads))
+  {
+    std::vector<float> gv(static_cast<std::size_t>(p.T)), cs(static_cast<std::size_t>(U)), xs(static_cast<std::size_t>(U));
+#pragma omp for schedule(static)
+    for (std::int64_t b = 0; b < p.B; ++b) {
+      const std::int64_t base = b * p.x_sb, obase = b * K;
+      for (std::int64_t t = 0; t < p.T; ++t) gv[t] = load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st);
+      float m = 0.0f, ls = 0.0f, S = 0.0f;
       if (p.input != 0) {
-        const float pk = fast_exp(load<DT>(x, base + k * p.x_sk) - m - ls);
-        v = p.input == 1 ? pk * (c - S) : c - pk * S;
+        m = lse[2 * b];
+        ls = lse[2 * b + 1];
+        for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
       }
-      store<DT>(dx, obase + k, v);
+      softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
+      // the mapped columns: each column's run summed in entry order, then f's backward in one vectorisable sweep
+      for (std::int64_t u = 0; u < U; ++u) {
+        float c = 0.0f;
+        for (std::int64_t e = runs[u]; e < runs[u + 1]; ++e) c += gv[entries[e].tgt] * entries[e].w;
+        cs[u] = c;
+        xs[u] = p.input == 0 ? 0.0f : load<DT>(x, base + cols[u] * p.x_sk);
+      }
+      sparse_grads(p.input, xs.data(), cs.data(), U, m, ls, S);
+      for (std::int64_t u = 0; u < U; ++u) store<DT>(dx, obase + cols[u], xs[u]);
     }
   }
 }
