@@ -4,10 +4,15 @@ Shapes: ``SHAPES["label_map"]`` in benchmarks/shapes.py (entries with ``op="labe
 ``op="label_histogram"``).
 
 label_map providers
-    reference          ``reprokernels.label_map(..., backend="reference")``: the spec behind the op, i.e. the
-                       eager chain research code writes (``logits[:, idx]``, softmax + gather + mean,
-                       ``logits @ omega``).
-    reference+compile  ``torch.compile`` of reprokernels/reference/label_map.py's plain-torch function.
+    eager              the chain research code writes: ``logits[:, idx]``, ``log_softmax(logits)[:, idx]``,
+                       ``softmax(logits)[:, idx].mean(-1)`` (many-to-one), ``logits @ omega`` (BLM's dense
+                       omega). The baseline.
+    eager+compile      ``torch.compile`` of that chain (inductor fuses it); the best a compiler does with it.
+    reference          ``reprokernels.label_map(..., backend="reference")`` (the spec behind the op).
+    cpu                ``backend="cpu"``: the C++/OpenMP kernels (csrc/cpu/); a skipped row on a GPU or without
+                       the built extension (the reason is the row's note).
+    auto               ``backend="auto"``: what a user gets by default (on CPU tensors ``cpu`` where measured
+                       faster, else the reference; docs/cpu-backend.md).
     triton / cuda      the fused kernels. On a CPU they get a skipped row (the interpreter is not timed, CUDA
                        needs a GPU); on a GPU a kernel module that does not exist yet
                        (reprokernels/triton/label_map.py, reprokernels/cuda/label_map.py) or that cannot run
@@ -16,7 +21,9 @@ label_map providers
 label_histogram providers (the running statistic of FLM/ILM/BLM/BLM+, accumulated into a float32 ``out``)
     eager              what BLM's code does: ``bincount(argmax * K_tgt + y)`` for counts; softmax, ``topk``,
                        ``index_put_(accumulate=True)`` for the top-k probability mass. The baseline.
+    eager+compile      ``torch.compile`` of that function.
     reference          ``reprokernels.label_histogram(..., backend="reference")``.
+    cpu / auto         ``backend="cpu"`` / ``backend="auto"`` (as for label_map).
     triton             the fused kernels (skipped on a CPU).
     cuda               the CUDA kernels (reprokernels/cuda/label_histogram.py; skipped on a CPU).
 
@@ -24,7 +31,9 @@ Minimum bytes: label_map fwd = logits + mapping + out; fwd+bwd adds the output g
 label_histogram = logits + targets + the statistic read and written once (counts: at most B cells of it).
 FLOPs: dense mappings only, 2 * B * K_src * K_tgt per GEMM (fwd one, fwd+bwd two: the mapping is fixed).
 
-Before timing, each provider is checked against the reference; a mismatch is written in the row's note.
+Before timing, each provider's output (and, fwd+bwd, its d logits) is checked against the eager chain; a
+mismatch is written in the row's note. On the CPU the providers of a case and mode are timed interleaved, round
+by round (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -35,13 +44,13 @@ from collections.abc import Callable
 import torch
 
 import reprokernels as rk
-from benchmarks.common import Row, compiled_provider, gpu_provider, measure, measure_providers, skipped, why_failed
+from benchmarks.common import Row, compiled_provider, cpu_provider, expect_cases, gpu_provider, measure_providers
 from benchmarks.shapes import SHAPES
 
 OP = "label_map"
 HIST_OP = "label_histogram"
-PROVIDERS = ("reference", "reference+compile", "triton", "cuda")
-HIST_PROVIDERS = ("eager", "reference", "triton", "cuda")
+PROVIDERS = ("eager", "eager+compile", "reference", "cpu", "auto", "triton", "cuda")
+HIST_PROVIDERS = PROVIDERS
 _TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
@@ -102,17 +111,24 @@ class MapCase:
 
         return f
 
-    def compiled_reference(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        from reprokernels.reference.label_map import label_map_values
-
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
+        """The user's chain: transform the logits (none, softmax, log_softmax), then index, average the
+        columns of each target (many-to-one) or multiply by the dense omega."""
         s, mapping = self.s, self.mapping
-        m2 = mapping if mapping.is_floating_point() or mapping.dim() == 2 else mapping.unsqueeze(1)
+        if s["input"] == "logits":
+            v = x
+        else:
+            v = (torch.softmax if s["input"] == "probs" else torch.log_softmax)(x.float(), dim=-1)
+        if s["mapping"] == "dense":
+            return (v.float() @ mapping).to(v.dtype)
+        if mapping.dim() == 1:
+            return v[:, mapping]
+        g = v[:, mapping]  # (B, K_tgt, m)
+        return g.mean(-1) if s["reduce"] == "mean" else g.sum(-1)
 
-        def f(x: torch.Tensor) -> torch.Tensor:
-            return label_map_values(x, m2, s["reduce"], s["input"])
-
+    def compiled_eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes/dtypes
-        return torch.compile(f, dynamic=False)
+        return torch.compile(self.eager, dynamic=False)
 
     def runner(self, f: Callable[[torch.Tensor], torch.Tensor], mode: str) -> Callable[[], object]:
         x, g = self.x, self.grad_out
@@ -127,8 +143,8 @@ class MapCase:
         return fwd_bwd
 
     def check(self, f: Callable[[torch.Tensor], torch.Tensor], mode: str) -> str:
-        ref = self.op("reference")
-        got, want = f(self.x), ref(self.x)
+        """'' when f agrees with the eager chain (output, and d logits in fwd+bwd), else what differs."""
+        got, want = f(self.x), self.eager(self.x)
         bad = []
         if got.shape != want.shape or not _err(got, want) <= _TOL[self.dtype]:
             bad.append(f"out err {_err(got, want):.2g}")
@@ -137,7 +153,7 @@ class MapCase:
             (dw,) = torch.autograd.grad(want, self.x, self.grad_out)
             if not _err(dg, dw) <= max(1e-3, _TOL[self.dtype]):
                 bad.append(f"dlogits err {_err(dg, dw):.2g}")
-        return "MISMATCH vs reference: " + ", ".join(bad) if bad else ""
+        return "MISMATCH vs eager: " + ", ".join(bad) if bad else ""
 
 
 class HistCase:
@@ -151,7 +167,7 @@ class HistCase:
         self.y = torch.randint(0, T, (B,), generator=g).to(device)
         self.out = torch.zeros(K, T, dtype=torch.float32, device=device)
 
-    def min_bytes(self) -> int:
+    def min_bytes(self, mode: str = "fwd") -> int:
         s = self.s
         cells = min(s["B"], s["K_src"] * s["K_tgt"]) if s["weight"] == "count" else s["K_src"] * s["K_tgt"]
         return self.x.numel() * self.x.element_size() + self.y.numel() * 8 + 2 * 4 * cells
@@ -179,11 +195,23 @@ class HistCase:
 
         return f
 
-    def check(self, f: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    def compiled_eager(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes/dtypes
+        return torch.compile(self.eager, dynamic=False)
+
+    def runner(self, f: Callable[[torch.Tensor], torch.Tensor], mode: str) -> Callable[[], object]:
+        out = self.out
+
+        def fwd() -> object:
+            return f(out)
+        return fwd
+
+    def check(self, f: Callable[[torch.Tensor], torch.Tensor], mode: str = "fwd") -> str:
+        """'' when f accumulates what the eager code does into a zeroed statistic, else the error."""
         got = f(torch.zeros_like(self.out))
-        want = self.op("reference")(torch.zeros_like(self.out))
+        want = self.eager(torch.zeros_like(self.out))
         err = float((got - want).abs().max() / want.abs().max().clamp(min=1))
-        return "" if err <= 1e-5 else f"MISMATCH vs reference: err {err:.2g}"
+        return "" if err <= 1e-5 else f"MISMATCH vs eager: err {err:.2g}"
 
 
 def _gpu_kernel(case_op: Callable[[str], Callable], backend: str, device: torch.device, module_check: bool
@@ -193,52 +221,34 @@ def _gpu_kernel(case_op: Callable[[str], Callable], backend: str, device: torch.
     return gpu_provider(case_op, backend, device)
 
 
-def _map_provider(case: MapCase, provider: str) -> tuple[Callable | None, str]:
-    """(function, '') or (None, why it cannot run here)."""
-    if provider == "reference":
-        return case.op("reference"), ""
-    if provider == "reference+compile":
-        return compiled_provider(case.compiled_reference)
-    if provider in ("triton", "cuda"):
-        return _gpu_kernel(case.op, provider, case.device, module_check=True)
-    raise ValueError(f"unknown provider {provider!r}")
-
-
-def _hist_provider(case: HistCase, provider: str) -> tuple[Callable | None, str]:
+def _provider(case: MapCase | HistCase, provider: str) -> tuple[Callable | None, str]:
+    """(function, '') or (None, why it cannot run here), for label_map and label_histogram cases alike."""
     if provider == "eager":
         return case.eager, ""
-    if provider == "reference":
-        return case.op("reference"), ""
-    if provider == "triton":
-        return _gpu_kernel(case.op, "triton", case.device, module_check=False)
-    if provider == "cuda":
-        return _gpu_kernel(case.op, "cuda", case.device, module_check=False)
+    if provider == "eager+compile":
+        return compiled_provider(case.compiled_eager)
+    if provider in ("reference", "auto"):
+        return case.op(provider), ""
+    if provider == "cpu":
+        return cpu_provider(case.op, case.device)
+    if provider in ("triton", "cuda"):
+        return _gpu_kernel(case.op, provider, case.device, module_check=isinstance(case, MapCase))
     raise ValueError(f"unknown provider {provider!r}")
 
 
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:
     device = torch.device(device)
     rows: list[Row] = []
-    for s in SHAPES[OP]["quick" if quick else "full"]:
+    shapes = SHAPES[OP]["quick" if quick else "full"]
+    expect_cases(sum(len(s["dtypes"]) * len(PROVIDERS) * len(s.get("modes", ("fwd",))) for s in shapes))
+    for s in shapes:
         name = shape_name(s)
         for dtype_name in s["dtypes"]:
             dtype = getattr(torch, dtype_name)
             if s["op"] == HIST_OP:
-                hcase = HistCase(s, dtype, device)
-                for provider in HIST_PROVIDERS:
-                    f, why = _hist_provider(hcase, provider)
-                    if f is None:
-                        rows.append(skipped(HIST_OP, name, dtype, "fwd", provider, device, why))
-                        continue
-                    try:
-                        note = hcase.check(f)
-                    except Exception as e:  # an unavailable backend, a compile error at first call ...
-                        rows.append(skipped(HIST_OP, name, dtype, "fwd", provider, device, why_failed(e)))
-                        continue
-                    out = hcase.out
-                    rows.append(measure(HIST_OP, name, dtype, "fwd", provider, lambda f=f, out=out: f(out), device,
-                                        min_bytes=hcase.min_bytes(), quick=quick, note=note))
-                continue
-            rows += measure_providers(OP, name, dtype, s["modes"], MapCase(s, dtype, device), PROVIDERS,
-                                      _map_provider, device, quick)
+                rows += measure_providers(HIST_OP, name, dtype, ("fwd",), HistCase(s, dtype, device),
+                                          HIST_PROVIDERS, _provider, device, quick)
+            else:
+                rows += measure_providers(OP, name, dtype, s["modes"], MapCase(s, dtype, device), PROVIDERS,
+                                          _provider, device, quick)
     return rows

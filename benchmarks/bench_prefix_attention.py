@@ -16,11 +16,15 @@ Providers
                     front of the keys/values (B copies written, then read), ``repeat_kv`` to Hq heads for GQA
                     (as transformers' SDPA path), a (B, 1, Lq, P + Lk) bool mask (prefix visible, bottom-right
                     causal, padding), ``F.scaled_dot_product_attention``. The baseline.
+    peft-cat+sdpa+compile
+                    ``torch.compile`` of that function; the best a compiler does with the user's code.
     ideal-sdpa      SDPA over already concatenated (B, Hq, P + L, d) keys/values with no mask (train only): the
                     flash speed the issue asks to keep; not a correct prefix attention (no causal mask).
     reference       ``prefix_attention(..., backend="reference")`` (the spec).
     composite       ``backend="composite"``: ATen flash for the sequence (causal split into query chunks) and
-                    for the un-expanded prefix, exact LSE merge (the CPU default).
+                    for the un-expanded prefix, exact LSE merge (what auto picks on CPU tensors: there is no
+                    ``cpu`` backend for this op).
+    auto            ``backend="auto"``: what a user gets by default.
     triton          the fused kernels; a skipped row without a GPU.
     cuda            ``backend="cuda"``: the CUDA C++ decode kernels (csrc/prefix_attention.cu; at most 16 queries
                     per row, forward only), decode rows only; a skipped row without a GPU or without the built
@@ -59,12 +63,13 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, gpu_provider, run_shapes
+from benchmarks.common import Row, compiled_provider, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
 from reprokernels.ops.prefix_attention import CUDA_MAX_LQ  # the cuda backend's decode limit (queries per row)
 
 OP = "prefix_attention"
-PROVIDERS = ("peft-cat+sdpa", "ideal-sdpa", "reference", "composite", "triton", "cuda")
+PROVIDERS = ("peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "auto", "triton",
+             "cuda")
 Leaves = tuple[torch.Tensor, ...]  # q, k, v, prefix_k, prefix_v
 
 
@@ -156,6 +161,10 @@ class Case:
         mask = torch.cat([torch.ones(B, Lq, P, dtype=torch.bool, device=q.device), seq], dim=2).unsqueeze(1)
         return F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
 
+    def compiled_peft(self) -> Callable[..., torch.Tensor]:
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes/dtypes
+        return torch.compile(self.peft, dynamic=False)
+
     def ideal(self, q, k, v, pk, pv) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, self.k_cat, self.v_cat)
 
@@ -202,7 +211,9 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable | None, str]:
         return case.peft, ""
     if provider == "ideal-sdpa":
         return (case.ideal, "") if case.s["kind"] == "train" else (None, "training shapes only")
-    if provider in ("reference", "composite"):
+    if provider == "peft-cat+sdpa+compile":
+        return compiled_provider(case.compiled_peft)
+    if provider in ("reference", "composite", "auto"):
         return case.op(provider), ""
     if provider == "triton":
         return gpu_provider(case.op, provider, case.device)

@@ -13,6 +13,9 @@ Providers
                         does with the user's code.
     reference           ``reprokernels.soft_prompt_concat(..., backend="reference")`` (the spec behind the op;
                         it also returns position_ids).
+    cpu                 ``backend="cpu"``: the C++/OpenMP kernels (csrc/cpu/, the embedding gather fused); a
+                        skipped row on a GPU or without the built extension (the reason is the row's note).
+    auto                ``backend="auto"``: what a user gets by default (docs/cpu-backend.md says what it picks).
     triton / cuda       the fused kernels; on a CPU they get a skipped row (the interpreter is not timed, CUDA
                         needs a GPU), as does any provider that cannot run (with the reason).
 
@@ -26,7 +29,8 @@ elements) and d prompt written once (T*P*D*4); the token slices of the gradient 
 table is frozen and gets no gradient.
 
 Before timing, each provider's outputs (embeddings, mask, labels) and, in fwd+bwd, its prompt gradient are
-checked against peft-eager; a mismatch is written in the row's note.
+checked against peft-eager; a mismatch is written in the row's note. On the CPU the providers of a case and mode
+are timed interleaved, round by round (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, compiled_provider, gpu_provider, run_shapes
+from benchmarks.common import Row, compiled_provider, cpu_provider, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
 
 OP = "soft_prompt"
-PROVIDERS = ("peft-eager", "peft-eager+compile", "reference", "triton", "cuda")
+PROVIDERS = ("peft-eager", "peft-eager+compile", "reference", "cpu", "auto", "triton", "cuda")
 Outputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (inputs_embeds, attention_mask, labels)
 
 
@@ -142,8 +146,10 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable[[torch.Tensor], Ou
         return case.peft_eager, ""
     if provider == "peft-eager+compile":
         return compiled_provider(case.compiled_eager)
-    if provider == "reference":
-        return case.op("reference"), ""
+    if provider in ("reference", "auto"):
+        return case.op(provider), ""
+    if provider == "cpu":
+        return cpu_provider(case.op, case.device)
     if provider in ("triton", "cuda"):
         return gpu_provider(case.op, provider, case.device)
     raise ValueError(f"unknown provider {provider!r}")

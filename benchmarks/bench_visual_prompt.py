@@ -6,9 +6,12 @@ Providers
     eager              what a user writes today (ILM-VP / SMM code): F.pad (or F.interpolate of the mask),
                        sigmoid, * mask, +, Normalize as separate ops, then a cast to x's dtype (the model
                        consumes x's dtype). The baseline.
+    eager+compile      ``torch.compile`` of that chain (inductor fuses it); the best a compiler does with the
+                       user's code.
     reference          ``reprokernels.visual_prompt(..., backend="reference")`` (the spec, behind the op).
-    reference+compile  ``torch.compile`` of reprokernels/reference/visual_prompt.py's plain-torch function
-                       (inductor fuses the chain); the best a compiler does with the spec.
+    cpu                ``backend="cpu"``: the C++/OpenMP kernels (csrc/cpu/); a skipped row on a GPU, without the
+                       built extension or for what it does not implement (resize), with the reason.
+    auto               ``backend="auto"``: what a user gets by default (docs/cpu-backend.md says what it picks).
     triton / cuda      the fused kernels; on a CPU they get a skipped row (the interpreter is not timed, CUDA
                        needs a GPU), as does any provider that cannot run (with the reason).
 
@@ -17,7 +20,8 @@ rule, not a tensor: 0 bytes); fwd+bwd adds the output gradient read once, d delt
 tensor mask, d mask written once. x is data (no gradient).
 
 Before timing, each provider's forward (and, in fwd+bwd, its gradients) is checked against the eager
-baseline; a mismatch is written in the row's note.
+baseline; a mismatch is written in the row's note. On the CPU the providers of a case and mode are timed
+interleaved, round by round (benchmarks/common.py).
 """
 
 from __future__ import annotations
@@ -28,13 +32,13 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, compiled_provider, gpu_provider, run_shapes
+from benchmarks.common import Row, compiled_provider, cpu_provider, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
 
 OP = "visual_prompt"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PROVIDERS = ("eager", "reference", "reference+compile", "triton", "cuda")
+PROVIDERS = ("eager", "eager+compile", "reference", "cpu", "auto", "triton", "cuda")
 
 
 def shape_name(s: dict) -> str:
@@ -119,17 +123,9 @@ class Case:
 
         return f
 
-    def compiled_reference(self) -> Callable[..., torch.Tensor]:
-        from reprokernels.ops import visual_prompt as vp_op
-        from reprokernels.reference import visual_prompt as vp_ref
-
-        _, mean_t, std_t, spec = vp_op.prepare(self.x, self.delta.detach(), **self.kwargs)
-
-        def f(x: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            return vp_ref.visual_prompt(x, delta, mask, mean_t, std_t, spec)
-
+    def compiled_eager(self) -> Callable[..., torch.Tensor]:
         torch._dynamo.reset()  # a fresh cache per case: no recompile limit across shapes/dtypes
-        return torch.compile(f, dynamic=False)
+        return torch.compile(self.eager, dynamic=False)
 
     def runner(self, f: Callable[..., torch.Tensor], mode: str) -> Callable[[], object]:
         x, delta, mask, g, wrt = self.x, self.delta, self.mask, self.grad_out, self.wrt
@@ -169,10 +165,12 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable[..., torch.Tensor]
     """(function, '') or (None, why it cannot run here)."""
     if provider == "eager":
         return case.eager, ""
-    if provider == "reference":
-        return case.op("reference"), ""
-    if provider == "reference+compile":
-        return compiled_provider(case.compiled_reference)
+    if provider == "eager+compile":
+        return compiled_provider(case.compiled_eager)
+    if provider in ("reference", "auto"):
+        return case.op(provider), ""
+    if provider == "cpu":
+        return cpu_provider(case.op, case.device)
     if provider in ("triton", "cuda"):
         return gpu_provider(case.op, provider, case.device)
     raise ValueError(f"unknown provider {provider!r}")

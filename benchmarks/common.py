@@ -1,8 +1,10 @@
 """Benchmark plumbing shared by every bench_<op>.py: timing, memory, environment, and the result writer.
 
-Timing: ``triton.testing.do_bench`` on a GPU, ``torch.utils.benchmark`` on the CPU; both give the median and
-the 20th/80th percentiles. Throughput is reported against the op's *minimum* traffic (each input read once,
-each output written once), so 100 % means a perfect one-pass kernel at the measured time.
+Timing: ``triton.testing.do_bench`` on a GPU, one provider after another; on the CPU ``torch.utils.benchmark``
+blocks at the process's thread count, the providers of one case and mode interleaved round by round
+(:func:`time_interleaved`: a burst of load from another process hits every provider alike), the median and the
+20th/80th percentiles of the per-round block means. Throughput is reported against the op's *minimum* traffic
+(each input read once, each output written once), so 100 % means a perfect one-pass kernel at the measured time.
 """
 
 from __future__ import annotations
@@ -137,6 +139,49 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, *, quick: bool
     return float(np.median(times)), float(np.quantile(times, 0.2)), float(np.quantile(times, 0.8))
 
 
+CPU_ROUNDS = {True: 7, False: 15}  # rounds per case and mode (quick, full)
+CPU_BLOCK_S = {True: 0.02, False: 0.1}  # seconds of calls per provider per round (quick, full)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], *, quick: bool = False, rounds: int | None = None,
+                     block_s: float | None = None) -> dict[str, tuple[float, float, float]]:
+    """CPU: {provider: (median, p20, p80) ms}, the providers timed round-robin.
+
+    Each provider is warmed up (a compiled one compiles here) and calibrated to a block of ``number`` calls of
+    about ``block_s`` seconds; then ``rounds`` rounds each time one block of every provider (the order reversed
+    every other round, so no provider always follows the same one) with ``torch.utils.benchmark.Timer.timeit``
+    at the process's thread count. A provider's statistics are over its per-round block means, so a burst of
+    load from another process during one round shifts one sample of every provider, not one provider's result.
+    """
+    from torch.utils import benchmark
+
+    rounds = rounds or CPU_ROUNDS[quick]
+    block_s = block_s or CPU_BLOCK_S[quick]
+    threads = torch.get_num_threads()
+    timers: dict[str, tuple[benchmark.Timer, int]] = {}
+    for name, fn in fns.items():
+        fn()  # warm-up (compilation, first-touch of caches and allocator)
+        one = 1.0
+        for _ in range(3):  # the fastest of three calls: one descheduled call would give too few per block
+            t0 = time.perf_counter()
+            fn()
+            one = min(one, time.perf_counter() - t0)
+        one = max(one, 1e-7)
+        timers[name] = (benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads),
+                        max(1, min(10_000, round(block_s / one))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            timer, number = timers[name]
+            samples[name].append(timer.timeit(number).median * 1e3)
+    out = {}
+    for name, v in samples.items():
+        a = np.asarray(v)
+        out[name] = (float(np.median(a)), float(np.quantile(a, 0.2)), float(np.quantile(a, 0.8)))
+    return out
+
+
 # Kineto's C++ logger writes these straight to file descriptor 2 at every profiler start/stop ("USDT:... ]
 # profiler_start"), whatever KINETO_LOG_LEVEL / TORCH_CPP_LOG_LEVEL say, so they can only be filtered there.
 _KINETO_LINE = re.compile(rb"^(USDT|STAGE|INFO|WARNING):\d{4}-\d\d-\d\d [\d:]+ \d+:\d+ \w+\.cpp:\d+\] ")
@@ -209,11 +254,11 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device | str) -> floa
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object],
-            device: torch.device | str, *, min_bytes: int = 0, flops: int = 0, quick: bool = False,
-            note: str = "") -> Row:
-    tick(f"{shape} {mode} {provider}")
-    med, p20, p80 = time_fn(fn, device, quick=quick)
+def make_row(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str,
+             times: tuple[float, float, float], fn: Callable[[], object], device: torch.device | str, *,
+             min_bytes: int = 0, flops: int = 0, note: str = "") -> Row:
+    """A timed row: ``times`` (median, p20, p80) in ms; the peak memory of one more call of ``fn``."""
+    med, p20, p80 = times
     return Row(
         op=op, shape=shape, dtype=str(dtype).removeprefix("torch."), mode=mode, provider=provider,
         median_ms=med, p20_ms=p20, p80_ms=p80, min_bytes=min_bytes,
@@ -222,6 +267,15 @@ def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, f
         peak_mem_mb=peak_memory_mb(fn, device), note=note, device=device_name(device), versions=versions(),
         git_sha=git_sha(), timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
+
+
+def measure(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, fn: Callable[[], object],
+            device: torch.device | str, *, min_bytes: int = 0, flops: int = 0, quick: bool = False,
+            note: str = "") -> Row:
+    """One provider timed alone (:func:`time_fn`)."""
+    tick(f"{shape} {mode} {provider}")
+    return make_row(op, shape, dtype, mode, provider, time_fn(fn, device, quick=quick), fn, device,
+                    min_bytes=min_bytes, flops=flops, note=note)
 
 
 def skipped(op: str, shape: str, dtype: torch.dtype, mode: str, provider: str, device: torch.device | str,
@@ -291,22 +345,61 @@ def measure_providers(op: str, name: str, dtype: torch.dtype, modes: Iterable[st
                       provider_fn: Callable, device: torch.device, quick: bool) -> list[Row]:
     """Rows for every provider x mode of one case. ``case`` has check(f, mode) -> note (its first call also
     compiles and loads kernels), runner(f, mode) -> a no-argument callable, min_bytes(mode) and optionally
-    flops(mode); ``provider_fn(case, provider)`` gives (f, '') or (None, why it cannot run here)."""
+    flops(mode); ``provider_fn(case, provider)`` gives (f, '') or (None, why it cannot run here).
+
+    On a GPU each provider is timed alone (:func:`time_fn`, ``do_bench``); on the CPU the providers that run of
+    one mode are checked first, then timed together round by round (:func:`time_interleaved`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        rows = []
+        for provider in providers:
+            f, why = provider_fn(case, provider)
+            for mode in modes:
+                if f is None:
+                    rows.append(skipped(op, name, dtype, mode, provider, device, why))
+                    continue
+                try:
+                    note = case.check(f, mode)
+                except Exception as e:  # an unavailable backend, a compile error at first call ...
+                    rows.append(skipped(op, name, dtype, mode, provider, device, why_failed(e)))
+                    continue
+                flops = case.flops(mode) if hasattr(case, "flops") else 0
+                rows.append(measure(op, name, dtype, mode, provider, case.runner(f, mode), device,
+                                    min_bytes=case.min_bytes(mode), flops=flops, quick=quick, note=note))
+        return rows
+    providers = list(providers)
+    made = {p: provider_fn(case, p) for p in providers}
     rows = []
-    for provider in providers:
-        f, why = provider_fn(case, provider)
-        for mode in modes:
+    for mode in modes:
+        by: dict[str, Row] = {}
+        ready: dict[str, tuple[Callable[[], object], str]] = {}
+        for provider in providers:
+            f, why = made[provider]
             if f is None:
-                rows.append(skipped(op, name, dtype, mode, provider, device, why))
+                by[provider] = skipped(op, name, dtype, mode, provider, device, why)
                 continue
             try:
                 note = case.check(f, mode)
             except Exception as e:  # an unavailable backend, a compile error at first call ...
-                rows.append(skipped(op, name, dtype, mode, provider, device, why_failed(e)))
+                by[provider] = skipped(op, name, dtype, mode, provider, device, why_failed(e))
                 continue
-            flops = case.flops(mode) if hasattr(case, "flops") else 0
-            rows.append(measure(op, name, dtype, mode, provider, case.runner(f, mode), device,
-                                min_bytes=case.min_bytes(mode), flops=flops, quick=quick, note=note))
+            ready[provider] = (case.runner(f, mode), note)
+        try:
+            times = time_interleaved({p: fn for p, (fn, _) in ready.items()}, quick=quick)
+        except Exception:  # a provider that passed its check but fails when timed: time each alone
+            times = {}
+            for p, (fn, _) in ready.items():
+                try:
+                    times[p] = time_interleaved({p: fn}, quick=quick)[p]
+                except Exception as e1:
+                    by[p] = skipped(op, name, dtype, mode, p, device, why_failed(e1))
+        flops = case.flops(mode) if hasattr(case, "flops") else 0
+        for p, (fn, note) in ready.items():
+            if p in times:
+                tick(f"{name} {mode} {p}")
+                by[p] = make_row(op, name, dtype, mode, p, times[p], fn, device, min_bytes=case.min_bytes(mode),
+                                 flops=flops, note=note)
+        rows += [by[p] for p in providers]
     return rows
 
 
@@ -333,3 +426,15 @@ def run_shapes(op: str, shapes: Iterable[dict], make_case: Callable, providers: 
             rows += measure_providers(op, shape_name(s), dtype, s["modes"], make_case(s, dtype, device), providers,
                                       provider_fn, device, quick)
     return rows
+
+
+def cpu_provider(make: Callable[[str], Callable], device: torch.device) -> tuple[Callable | None, str]:
+    """The ``cpu`` backend's function, or None and why it is not timed here (CUDA tensors; the extension not
+    built, with the reason ``reprokernels info`` gives)."""
+    if device.type != "cpu":
+        return None, "CPU tensors only"
+    from reprokernels import _cpu
+
+    if not _cpu.available():
+        return None, f"cpu backend unavailable: {_cpu.unavailable_reason()}"
+    return make("cpu"), ""

@@ -2,9 +2,13 @@
 
 Every number in a README table is a ``median_ms`` (or ``peak_mem_mb``) of one CSV row in ``benchmarks/results/``,
 the last row of that (shape, dtype, mode, provider) in the file; each table row names the device and thread
-count, the date and the providers as they were recorded. ``--write`` (the default) replaces the text between
-``<!-- bench-table: NAME -->`` and ``<!-- /bench-table -->`` in README.md; ``--check`` exits 1 when the README
-differs from what the CSVs give (``tests/test_examples.py`` runs it).
+count, the date and the providers as they were recorded. Two kinds of table: ``Entry`` rows (a baseline and
+chosen others, named one by one) and ``Grid`` rows (every (shape, dtype, mode) of a file that has a row of the
+grid's last provider, e.g. ``auto``, in file order, with fixed provider columns: the user's eager chain,
+torch.compile of it, the reference, the cpu backend and auto, each as median ms, GB/s on the op's minimum bytes
+and peak MiB, and auto's speed against the eager chain and its compiled form). ``--write`` (the default)
+replaces the text between ``<!-- bench-table: NAME -->`` and ``<!-- /bench-table -->`` in README.md; ``--check``
+exits 1 when the README differs from what the CSVs give (``tests/test_examples.py`` runs it).
 """
 
 from __future__ import annotations
@@ -32,22 +36,31 @@ class Entry:
     rows: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True)
+class Grid:
+    """Every (shape, dtype, mode) of ``file`` (of ``ops``) with a row of ``providers[-1]``, one table row each,
+    ``providers`` as columns (read as: eager chain, compiled chain, reference, fast path, auto)."""
+
+    file: str
+    ops: tuple[str, ...]
+    providers: tuple[str, ...]
+
+
 def _same_shape(shape: str, *providers: str) -> tuple[tuple[str, str], ...]:
     return tuple((shape, p) for p in providers)
 
 
-TABLES: dict[str, tuple[Entry, ...]] = {
+_CPU_COLUMNS = ("eager", "eager+compile", "reference", "cpu", "auto")
+
+TABLES: dict[str, tuple[Entry | Grid, ...]] = {
     "ops-cpu": (
-        Entry("visual_prompt, expansive B8 3×32×32→224×224", "visual_prompt_cpu", "float32", "fwd",
-              _same_shape("expansive B8 3x32x32->224x224", "eager", "reference", "reference+compile")),
-        Entry("visual_prompt, SMM B8 3×224×224, mask 28×28", "visual_prompt_cpu", "float32", "fwd+bwd",
-              _same_shape("smm B8 3x224x224 m3x28x28", "eager", "reference", "reference+compile")),
-        Entry("soft_prompt_concat, B4 L32 P8 D256, 8 tasks", "soft_prompt_cpu", "bfloat16", "fwd",
-              _same_shape("llama3 B4 L32 P8 D256 T8", "peft-eager", "reference", "peft-eager+compile")),
-        Entry("label_map, 128,256-token vocab → 10, log_probs", "label_map_cpu", "float32", "fwd",
-              _same_shape("verbalizer B2 128256->10 m4 mean log_probs", "reference", "reference+compile")),
-        Entry("label_histogram, B2000 1000 → 10, counts", "label_map_cpu", "float32", "fwd",
-              _same_shape("cifar10-train B2000 1000->10 count", "eager", "reference")),
+        Grid("visual_prompt_cpu", ("visual_prompt",), _CPU_COLUMNS),
+        Grid("soft_prompt_cpu", ("soft_prompt",), ("peft-eager", "peft-eager+compile", "reference", "cpu", "auto")),
+        Grid("label_map_cpu", ("label_map", "label_histogram"), _CPU_COLUMNS),
+        Grid("prefix_attention_cpu", ("prefix_attention",),
+             ("peft-cat+sdpa", "peft-cat+sdpa+compile", "reference", "composite", "auto")),
+    ),
+    "ops-cpu-full": (
         Entry("prefix_attention decode, B64 H8 P2048 own 128 d64", "prefix_attention_cpu", "float32", "fwd",
               _same_shape("decode B64 H8/8 Lq1 Lk128 P2048 d64", "peft-cat+sdpa", "composite", "reference")),
         Entry("prefix_attention train, B8 H8 L256 P64 d64", "prefix_attention_cpu", "float32", "fwd+bwd",
@@ -72,15 +85,23 @@ TABLES: dict[str, tuple[Entry, ...]] = {
     ),
 }
 
+GRID_HEADER = ("| op | shape | dtype | mode | measured on | eager chain | torch.compile of it | reference "
+               "| cpu (composite for attention) | auto | auto vs eager | auto vs compile |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|---|")
 HEADER = ("| op, shape, dtype | mode | measured on | baseline: median | others: median (vs the baseline) |\n"
           "|---|---|---|---|---|")
 
 
 def load(file: str, results: Path = RESULTS) -> dict[tuple[str, str, str, str], dict[str, str]]:
     """The last row of each (shape, dtype, mode, provider) in ``<results>/<file>.csv``."""
+    return {(r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in load_rows(file, results)}
+
+
+def load_rows(file: str, results: Path = RESULTS) -> list[dict[str, str]]:
+    """Every row of ``<results>/<file>.csv``, in file order."""
     path = results / f"{file}.csv"
     with path.open(newline="") as f:
-        return {(r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in csv.DictReader(f)}
+        return list(csv.DictReader(f))
 
 
 def _ms(v: float) -> str:
@@ -106,7 +127,52 @@ def _cell(r: dict[str, str]) -> str:
     return text
 
 
+def _ratio(base: dict[str, str] | None, r: dict[str, str] | None) -> str:
+    """base / r as a speed ratio ('1.52×': r is 1.52 times as fast; under 1: r is slower); '—' if either is
+    untimed."""
+    if base is None or r is None or not base.get("median_ms") or not r.get("median_ms"):
+        return "—"
+    x = float(base["median_ms"]) / float(r["median_ms"])
+    return f"{x:.2f}×" + (" (slower)" if x < 0.98 else "")
+
+
+def _grid_cell(r: dict[str, str] | None) -> str:
+    if r is None:
+        return "—"
+    if not r["median_ms"]:
+        return f"not run: {r['note']}" if r["note"] else "not run"
+    parts = [_ms(float(r["median_ms"]))]
+    if r.get("gbps"):
+        parts.append(f"{float(r['gbps']):.3g} GB/s")
+    if r.get("peak_mem_mb"):
+        mib = float(r["peak_mem_mb"])
+        parts.append(f"{mib:.0f} MiB" if mib >= 100 else f"{mib:.3g} MiB")
+    if "MISMATCH" in r.get("note", ""):
+        parts.append(r["note"])
+    return ", ".join(parts)
+
+
+def render_grid(grids: tuple[Grid, ...], results: Path = RESULTS) -> str:
+    lines = [GRID_HEADER]
+    for g in grids:
+        rows = load_rows(g.file, results)
+        last = {(r["op"], r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
+        keys = list(dict.fromkeys((r["op"], r["shape"], r["dtype"], r["mode"]) for r in rows
+                                  if r["op"] in g.ops and r["provider"] == g.providers[-1]))
+        for key in keys:
+            found = [last.get((*key, p)) for p in g.providers]
+            timed = [r for r in found if r is not None and r["median_ms"]]
+            where = "; ".join(sorted({f"{r['device']}, {r['timestamp'][:10]}" for r in timed})) or "—"
+            eager, comp, auto = found[0], found[1], found[-1]
+            cells = " | ".join(_grid_cell(r) for r in found)
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {where} | {cells} "
+                         f"| {_ratio(eager, auto)} | {_ratio(comp, auto)} |")
+    return "\n".join(lines)
+
+
 def render(name: str, results: Path = RESULTS) -> str:
+    if all(isinstance(e, Grid) for e in TABLES[name]):
+        return render_grid(TABLES[name], results)
     lines = [HEADER]
     cache: dict[str, dict] = {}
     for e in TABLES[name]:

@@ -1,7 +1,7 @@
 """``reprokernels bench``: a quick CPU run of one op writes a well-formed CSV; the table; a missing benchmarks/.
 
 The end-to-end test uses ``prefix_attention``: its quick pass is the shortest of the four ops on a 2-core CPU
-(~3 s of timing against ~10 s for soft_prompt, ~15 s for label_map, ~20 s for visual_prompt, which compile).
+(two shapes; its one compiled provider, peft-cat+sdpa+compile, compiles once per shape and mode).
 It runs the CLI in a subprocess from a temporary working directory (so the benchmarks/ folder is found from the
 package's path, not the cwd) with the default --out, so its rows and plots land in ./reprokernels-bench/ of that
 directory and benchmarks/results is left untouched.
@@ -25,7 +25,8 @@ from benchmarks.device_limits import DeviceLimits, measure_copy_bandwidth, measu
 from reprokernels import bench
 
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-TIMED = {"peft-cat+sdpa", "ideal-sdpa", "reference", "composite"}  # what runs on a CPU for prefix_attention
+# what runs on a CPU for prefix_attention (no cpu backend: auto picks composite)
+TIMED = {"peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "auto"}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -60,7 +61,7 @@ def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
         reader = csv.DictReader(f)
         assert reader.fieldnames == [f.name for f in dataclasses.fields(Row)]
         rows = list(reader)
-    assert len(rows) == 6 * 2 + 6  # train: 6 providers x (fwd, fwd+bwd); decode: 6 providers x fwd
+    assert len(rows) == 8 * 2 + 8  # train: 8 providers x (fwd, fwd+bwd); decode: 8 providers x fwd
     assert {(r["op"], r["dtype"]) for r in rows} == {("prefix_attention", "float32")}
     timed = [r for r in rows if r["median_ms"]]
     assert {r["provider"] for r in timed} == TIMED
@@ -125,7 +126,7 @@ def test_side_by_side_table() -> None:
 def test_baseline_choice() -> None:
     assert bench.baseline_of(["reference", "peft-eager", "triton"]) == "peft-eager"
     assert bench.baseline_of(["composite", "peft-cat+sdpa", "reference"]) == "peft-cat+sdpa"
-    assert bench.baseline_of(["reference+compile", "reference"]) == "reference"  # label_map: no eager provider
+    assert bench.baseline_of(["reference+compile", "reference"]) == "reference"  # no user-code baseline timed
     assert bench.baseline_of(["triton"]) is None
 
 
