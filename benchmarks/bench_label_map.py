@@ -44,7 +44,7 @@ from collections.abc import Callable
 import torch
 
 import reprokernels as rk
-from benchmarks.common import Row, compiled_provider, cpu_provider, expect_cases, gpu_provider, measure_providers
+from benchmarks.common import Row, expect_cases, gpu_provider, measure_providers, op_provider
 from benchmarks.shapes import SHAPES
 
 OP = "label_map"
@@ -223,17 +223,8 @@ def _gpu_kernel(case_op: Callable[[str], Callable], backend: str, device: torch.
 
 def _provider(case: MapCase | HistCase, provider: str) -> tuple[Callable | None, str]:
     """(function, '') or (None, why it cannot run here), for label_map and label_histogram cases alike."""
-    if provider == "eager":
-        return case.eager, ""
-    if provider == "eager+compile":
-        return compiled_provider(case.compiled_eager)
-    if provider in ("reference", "auto"):
-        return case.op(provider), ""
-    if provider == "cpu":
-        return cpu_provider(case.op, case.device)
-    if provider in ("triton", "cuda"):
-        return _gpu_kernel(case.op, provider, case.device, module_check=isinstance(case, MapCase))
-    raise ValueError(f"unknown provider {provider!r}")
+    return op_provider(case, provider, "eager", gpu=lambda backend: _gpu_kernel(
+        case.op, backend, case.device, module_check=isinstance(case, MapCase)))
 
 
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:

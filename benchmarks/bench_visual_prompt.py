@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import reprokernels
-from benchmarks.common import Row, compiled_provider, cpu_provider, gpu_provider, run_shapes
+from benchmarks.common import Row, op_provider, run_shapes
 from benchmarks.shapes import SHAPES
 
 OP = "visual_prompt"
@@ -163,17 +163,7 @@ class Case:
 
 def _provider_fn(case: Case, provider: str) -> tuple[Callable[..., torch.Tensor] | None, str]:
     """(function, '') or (None, why it cannot run here)."""
-    if provider == "eager":
-        return case.eager, ""
-    if provider == "eager+compile":
-        return compiled_provider(case.compiled_eager)
-    if provider in ("reference", "auto"):
-        return case.op(provider), ""
-    if provider == "cpu":
-        return cpu_provider(case.op, case.device)
-    if provider in ("triton", "cuda"):
-        return gpu_provider(case.op, provider, case.device)
-    raise ValueError(f"unknown provider {provider!r}")
+    return op_provider(case, provider, "eager")
 
 
 def run(device: torch.device | str, quick: bool = False) -> list[Row]:

@@ -428,6 +428,24 @@ def run_shapes(op: str, shapes: Iterable[dict], make_case: Callable, providers: 
     return rows
 
 
+def op_provider(case, provider: str, baseline: str, gpu: Callable[[str], tuple[Callable | None, str]] | None = None
+                ) -> tuple[Callable | None, str]:
+    """The providers every op script shares, for a case with ``eager`` (the user's chain, named ``baseline`` in
+    the rows), ``compiled_eager`` (torch.compile of it), ``op(backend)`` and ``device``: (function, '') or (None,
+    why it cannot run here). ``gpu(backend)`` overrides how triton / cuda are made (default: gpu_provider)."""
+    if provider == baseline:
+        return case.eager, ""
+    if provider == baseline + "+compile":
+        return compiled_provider(case.compiled_eager)
+    if provider in ("reference", "auto"):
+        return case.op(provider), ""
+    if provider == "cpu":
+        return cpu_provider(case.op, case.device)
+    if provider in ("triton", "cuda"):
+        return gpu(provider) if gpu is not None else gpu_provider(case.op, provider, case.device)
+    raise ValueError(f"unknown provider {provider!r}")
+
+
 def cpu_provider(make: Callable[[str], Callable], device: torch.device) -> tuple[Callable | None, str]:
     """The ``cpu`` backend's function, or None and why it is not timed here (CUDA tensors; the extension not
     built, with the reason ``reprokernels info`` gives)."""
