@@ -147,6 +147,29 @@ inline float fast_exp(float x) {
          bits_to_float(static_cast<std::uint32_t>(n2 + 127) << 23);
 }
 
+// The max of a row ignoring NaN, and whether it holds one: one vectorised sweep (inlined into each caller's clone).
+template <int DT>
+inline float row_max(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, std::int32_t* nan_out) {
+  float m = -INFINITY;
+  std::int32_t nan = 0;
+  if (sk == 1) {
+#pragma omp simd reduction(max : m) reduction(| : nan)
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = load<DT>(x, base + k * sk);
+      nan |= v != v;
+      m = v > m ? v : m;
+    }
+  }
+  *nan_out = nan;
+  return m;
+}
+
 inline int threads_of(std::int32_t t) { return t > 0 ? t : 1; }
 
 // A large fresh output (a new mmap from the allocator, not yet touched) costs more in first-touch page faults than

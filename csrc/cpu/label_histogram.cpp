@@ -17,29 +17,6 @@ namespace {
 // flag (no early exit, which would keep the loop scalar), then a sweep in blocks of 64 for the first element equal
 // to it (or the first NaN): each block is tested with a vector reduction, and only the block holding it element by
 // element.
-// The max of a row ignoring NaN, and whether it holds one: one vectorised sweep (inlined into each caller's clone).
-template <int DT>
-inline float row_max(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, std::int32_t* nan_out) {
-  float m = -INFINITY;
-  std::int32_t nan = 0;
-  if (sk == 1) {
-#pragma omp simd reduction(max : m) reduction(| : nan)
-    for (std::int64_t k = 0; k < K; ++k) {
-      const float v = load<DT>(x, base + k);
-      nan |= v != v;
-      m = v > m ? v : m;
-    }
-  } else {
-    for (std::int64_t k = 0; k < K; ++k) {
-      const float v = load<DT>(x, base + k * sk);
-      nan |= v != v;
-      m = v > m ? v : m;
-    }
-  }
-  *nan_out = nan;
-  return m;
-}
-
 template <int DT>
 RK_CLONES std::int64_t row_argmax(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K) {
   std::int32_t nan = 0;

@@ -14,22 +14,8 @@ namespace {
 template <int DT>
 RK_CLONES void row_stats(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* m_out,
                          float* ls_out) {
-  float m = -INFINITY;
   std::int32_t nan = 0;
-  if (sk == 1) {
-#pragma omp simd reduction(max : m) reduction(+ : nan)
-    for (std::int64_t k = 0; k < K; ++k) {
-      const float v = load<DT>(x, base + k);
-      nan += v != v;
-      m = v > m ? v : m;
-    }
-  } else {
-    for (std::int64_t k = 0; k < K; ++k) {
-      const float v = load<DT>(x, base + k * sk);
-      nan += v != v;
-      m = v > m ? v : m;
-    }
-  }
+  float m = row_max<DT>(x, base, sk, K, &nan);
   if (nan) m = NAN;  // torch's max propagates NaN
   const float shift = (m == -INFINITY) ? 0.0f : m;
   float s = 0.0f;
@@ -82,6 +68,14 @@ inline float transform(int input, float v, float m, float ls) {
   return v;
 }
 
+// The row's (max, log-sum) for the softmax inputs, also saved in lse for the backward.
+template <int DT>
+inline void saved_row_stats(const LabelMapParams& p, std::int64_t b, float* m, float* ls) {
+  row_stats<DT>(reinterpret_cast<const void*>(p.x), b * p.x_sb, p.x_sk, p.K, m, ls);
+  reinterpret_cast<float*>(p.lse)[2 * b] = *m;
+  reinterpret_cast<float*>(p.lse)[2 * b + 1] = *ls;
+}
+
 // f(v) of n gathered values in place: identity, softmax or log-softmax from the row's (max, log-sum).
 RK_CLONES void transform_entries(int input, float* v, std::int64_t n, float m, float ls) {
   if (input == 1) {
@@ -96,7 +90,6 @@ RK_CLONES void transform_entries(int input, float* v, std::int64_t n, float m, f
 template <int DT>
 void index_fwd(const LabelMapParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
-  float* lse = reinterpret_cast<float*>(p.lse);
   void* out = reinterpret_cast<void*>(p.out);
   const std::vector<float> w = target_weights(p);
   const int odt = p.input == 0 ? DT : F32;
@@ -115,11 +108,7 @@ void index_fwd(const LabelMapParams& p) {
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb;
       float m = 0.0f, ls = 0.0f;
-      if (p.input != 0) {
-        row_stats<DT>(x, base, p.x_sk, p.K, &m, &ls);
-        lse[2 * b] = m;
-        lse[2 * b + 1] = ls;
-      }
+      if (p.input != 0) saved_row_stats<DT>(p, b, &m, &ls);
       // gather the mapped logits, then transform them in one vectorisable sweep (a scalar exp per entry cost
       // ~17 ns: BAR's 1000 entries per row took longer than eager's whole softmax)
       for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : load<DT>(x, base + src[e] * p.x_sk);
@@ -228,7 +217,6 @@ template <int DT>
 void dense_fwd(const LabelMapParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
   const float* W = reinterpret_cast<const float*>(p.w);  // (K, T) float32 contiguous
-  float* lse = reinterpret_cast<float*>(p.lse);
   void* out = reinterpret_cast<void*>(p.out);
   const std::int64_t T = p.T;
 #pragma omp parallel num_threads(threads_of(p.threads))
@@ -238,11 +226,7 @@ void dense_fwd(const LabelMapParams& p) {
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb;
       float m = 0.0f, ls = 0.0f;
-      if (p.input != 0) {
-        row_stats<DT>(x, base, p.x_sk, p.K, &m, &ls);
-        lse[2 * b] = m;
-        lse[2 * b + 1] = ls;
-      }
+      if (p.input != 0) saved_row_stats<DT>(p, b, &m, &ls);
       std::fill(acc.begin(), acc.end(), 0.0f);
       float* a = acc.data();
       for (std::int64_t k = 0; k < p.K; ++k) {

@@ -42,6 +42,18 @@ def supports(case: tuple) -> str:
     return ""
 
 
+def _set_index_mapping(p, mapping: torch.Tensor, reduce: str) -> torch.Tensor:
+    """Point p at a (T, M) index mapping (as the kernels read it) and return that tensor: keep it alive until the
+    launch has run."""
+    m = _index(mapping)
+    p.M = m.shape[1]
+    p.mapping = m.data_ptr()
+    p.map_st, p.map_sm = m.stride()
+    p.map_dtype = INDEX_CODES[m.dtype]
+    p.reduce = REDUCE_CODES[reduce]
+    return m
+
+
 def _params(logits: torch.Tensor, input: str):
     p = _cpu.extension().LabelMapParams()
     p.x_dtype = float_code(logits, "logits")
@@ -82,13 +94,9 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
         _cpu.run("label_map_dense_fwd", p)
         del w
         return out, lse
-    m = _index(mapping)
-    p.M = m.shape[1]
-    p.mapping = m.data_ptr()
-    p.map_st, p.map_sm = m.stride()
-    p.map_dtype = INDEX_CODES[m.dtype]
-    p.reduce = REDUCE_CODES[reduce]
+    m = _set_index_mapping(p, mapping, reduce)
     _cpu.run("label_map_fwd", p)
+    del m
     return out, lse
 
 
@@ -136,13 +144,8 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     assert dx is not None
     if B == 0 or K == 0:
         return dx, None
-    m = _index(mapping)
-    p.M = m.shape[1]
-    p.mapping = m.data_ptr()
-    p.map_st, p.map_sm = m.stride()
-    p.map_dtype = INDEX_CODES[m.dtype]
-    p.reduce = REDUCE_CODES[reduce]
+    m = _set_index_mapping(p, mapping, reduce)
     p.dx = dx.data_ptr()
     _cpu.run("label_map_bwd", p)
-    del keep
+    del keep, m
     return dx, None

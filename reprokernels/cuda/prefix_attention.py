@@ -210,22 +210,13 @@ def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Te
     ext = _cuda.extension()
     p = ext.MergeStatesParams()
     lead = len(shape) - 1
-    # one coalescing for all four: the rows are walked with the same leading sizes
-    ts = [o_a, o_b, lse_a, lse_b]
-    coal = None
-    for i, t in enumerate(ts):
-        t2, sizes, strides = _rows_view(t, lead)
-        ts[i] = t2
-        coal = sizes if coal is None else coal
-        if sizes != coal:  # different coalescings: make all four contiguous (one walk for every tensor)
-            ts = [x.contiguous() for x in (o_a, o_b, lse_a, lse_b)]
-            break
-    all_s = []
-    for t in ts:
-        _, sizes, strides = _rows_view(t, lead)
-        all_s.append((sizes, strides))
-    p.size = all_s[0][0]
-    p.oa_s, p.ob_s, p.la_s, p.lb_s = (s for _, s in all_s)
+    # one walk of the rows for all four: their leading dims must coalesce alike, else all four are made contiguous
+    views = [_rows_view(t, lead) for t in (o_a, o_b, lse_a, lse_b)]
+    if any(sizes != views[0][1] for _, sizes, _ in views):
+        views = [_rows_view(t.contiguous(), lead) for t in (o_a, o_b, lse_a, lse_b)]
+    ts = [t for t, _, _ in views]
+    p.size = views[0][1]
+    p.oa_s, p.ob_s, p.la_s, p.lb_s = (strides for _, _, strides in views)
     oa, ob, la, lb = ts
     p.oa, p.ob, p.la, p.lb = (t.data_ptr() for t in ts)
     p.oa_sd, p.ob_sd = int(oa.stride(-1)), int(ob.stride(-1))
