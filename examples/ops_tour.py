@@ -1,4 +1,4 @@
-"""The four interfaces in one page: each op on CPU tensors (backend "auto": the reference or composite path)."""
+"""The four interfaces in one page: each op on CPU tensors (backend "auto": the cpu, reference or composite path)."""
 
 import torch
 
