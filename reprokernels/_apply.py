@@ -5,6 +5,11 @@ every call when the Function defines ``setup_context`` (to fill in defaults): ab
 whole eager ``log_softmax`` + gather + backward at small sizes. The ops' Functions have no defaults and every call
 site passes all arguments positionally, so the binding changes nothing; this calls the C++ ``apply`` directly.
 Under torch.compile and functorch transforms (vmap, grad, ...) the regular ``Fn.apply`` runs, as those need it.
+
+``plain_eager(*tensors)`` says when an op may skip its registered-op wrapper altogether and run its reference as
+plain differentiable PyTorch: what ``auto`` does on CPU tensors where it keeps the reference, since the wrapper
+(the autograd Function, the torch.library dispatch, a backward that recomputes the softmax) made the reference
+slower than the eager code it specifies, and plain autograd gives the same values at the eager code's cost.
 """
 
 from __future__ import annotations
@@ -16,3 +21,15 @@ def apply_function(fn: type[torch.autograd.Function], *args: object) -> object:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return fn.apply(*args)
     return super(torch.autograd.Function, fn).apply(*args)  # torch._C._FunctionBase.apply, bound to fn
+
+
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager(*tensors: torch.Tensor | None) -> bool:
+    """Not traced, compiled or transformed, no Python dispatch mode (fake tensors, ...) active, and every tensor a
+    plain one on a real device: the conditions under which an op's registered wrapper adds nothing."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack()):
+        return False
+    return all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors)

@@ -45,6 +45,30 @@ RK_CLONES void softmax_row(const void* x, std::int64_t base, std::int64_t sk, st
   }
 }
 
+// 16-bit rows are staged through a float32 row buffer (one conversion sweep, then the float32 sweeps on a row in
+// L1/L2): converting in every sweep made the bf16/fp16 kernels slower than the float32 one on half the bytes.
+template <int DT>
+RK_CLONES void row_to_float(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* dst) {
+  if (sk == 1) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) dst[k] = load<DT>(x, base + k);
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) dst[k] = load<DT>(x, base + k * sk);
+  }
+}
+
+template <int DT>
+RK_CLONES void row_from_float(const float* src, std::int64_t K, void* dst, std::int64_t obase) {
+#pragma omp simd
+  for (std::int64_t k = 0; k < K; ++k) store<DT>(dst, obase + k, src[k]);
+}
+
+// v <- -softmax(v) * S in place (the staged row of a 16-bit dx).
+RK_CLONES void softmax_row_inplace(float* v, std::int64_t K, float m, float ls, float S) {
+#pragma omp simd
+  for (std::int64_t k = 0; k < K; ++k) v[k] = -(fast_exp(v[k] - m - ls) * S);
+}
+
 std::int64_t map_at(const LabelMapParams& p, std::int64_t t, std::int64_t j) {
   const void* mp = reinterpret_cast<const void*>(p.mapping);
   return p.map_dtype == 0 ? static_cast<const std::int64_t*>(mp)[t * p.map_st + j * p.map_sm]
@@ -104,14 +128,26 @@ void index_fwd(const LabelMapParams& p) {
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
     std::vector<float> val(static_cast<std::size_t>(E));
+    const bool staged = DT != F32 && p.input != 0;
+    std::vector<float> xrow(staged ? static_cast<std::size_t>(p.K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb;
       float m = 0.0f, ls = 0.0f;
-      if (p.input != 0) saved_row_stats<DT>(p, b, &m, &ls);
+      if (staged) {
+        row_to_float<DT>(x, base, p.x_sk, p.K, xrow.data());
+        row_stats<F32>(xrow.data(), 0, 1, p.K, &m, &ls);
+        reinterpret_cast<float*>(p.lse)[2 * b] = m;
+        reinterpret_cast<float*>(p.lse)[2 * b + 1] = ls;
+      } else if (p.input != 0) {
+        saved_row_stats<DT>(p, b, &m, &ls);
+      }
       // gather the mapped logits, then transform them in one vectorisable sweep (a scalar exp per entry cost
       // ~17 ns: BAR's 1000 entries per row took longer than eager's whole softmax)
-      for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : load<DT>(x, base + src[e] * p.x_sk);
+      if (staged)
+        for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : xrow[src[e]];
+      else
+        for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : load<DT>(x, base + src[e] * p.x_sk);
       transform_entries(p.input, val.data(), E, m, ls);
       for (std::int64_t t = 0; t < p.T; ++t) {
         float acc = 0.0f;
@@ -189,6 +225,8 @@ void index_bwd(const LabelMapParams& p) {
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
     std::vector<float> gv(static_cast<std::size_t>(p.T)), cs(static_cast<std::size_t>(U)), xs(static_cast<std::size_t>(U));
+    const bool staged = DT != F32 && p.input != 0;
+    std::vector<float> drow(staged ? static_cast<std::size_t>(K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb, obase = b * K;
@@ -199,16 +237,23 @@ void index_bwd(const LabelMapParams& p) {
         ls = lse[2 * b + 1];
         for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
       }
-      softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
       // the mapped columns: each column's run summed in entry order, then f's backward in one vectorisable sweep
+      if (staged) row_to_float<DT>(x, base, p.x_sk, K, drow.data());
       for (std::int64_t u = 0; u < U; ++u) {
         float c = 0.0f;
         for (std::int64_t e = runs[u]; e < runs[u + 1]; ++e) c += gv[entries[e].tgt] * entries[e].w;
         cs[u] = c;
-        xs[u] = p.input == 0 ? 0.0f : load<DT>(x, base + cols[u] * p.x_sk);
+        xs[u] = p.input == 0 ? 0.0f : staged ? drow[cols[u]] : load<DT>(x, base + cols[u] * p.x_sk);
       }
       sparse_grads(p.input, xs.data(), cs.data(), U, m, ls, S);
-      for (std::int64_t u = 0; u < U; ++u) store<DT>(dx, obase + cols[u], xs[u]);
+      if (staged) {
+        softmax_row_inplace(drow.data(), K, m, ls, S);
+        for (std::int64_t u = 0; u < U; ++u) drow[cols[u]] = xs[u];
+        row_from_float<DT>(drow.data(), K, dx, obase);
+      } else {
+        softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
+        for (std::int64_t u = 0; u < U; ++u) store<DT>(dx, obase + cols[u], xs[u]);
+      }
     }
   }
 }

@@ -7,7 +7,7 @@ import importlib
 import torch
 
 from .._amp import no_autocast
-from .._apply import apply_function
+from .._apply import apply_function, plain_eager
 from .._backend import register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -19,7 +19,7 @@ from .._validation import (
     check_tensor,
     resolve_backend_for,
 )
-from ..reference.label_map import INPUTS, REDUCES, out_dtype
+from ..reference.label_map import INPUTS, REDUCES, label_map_values, out_dtype
 
 OP = "label_map"
 register_op(OP, ("reference", "triton", "cuda", "cpu"))
@@ -162,5 +162,9 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
         f"mapping_dtype={m2.dtype}", f"input={input}"))
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
-    out, _ = apply_function(LabelMapFunction, flat, m2, reduce, input, chosen)
+    if chosen == "reference" and backend == "auto" and plain_eager(flat, m2):
+        with no_autocast(flat.device):  # auto's reference as plain autograd (see plain_eager): eager's cost
+            out = label_map_values(flat, m2, reduce, input)
+    else:
+        out, _ = apply_function(LabelMapFunction, flat, m2, reduce, input, chosen)
     return out.reshape(*lead, out.shape[-1])
