@@ -26,10 +26,13 @@ def apply_function(fn: type[torch.autograd.Function], *args: object) -> object:
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def plain_eager(*tensors: torch.Tensor | None) -> bool:
-    """Not traced, compiled or transformed, no Python dispatch mode (fake tensors, ...) active, and every tensor a
-    plain one on a real device: the conditions under which an op's registered wrapper adds nothing."""
+def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> bool:
+    """Not traced, compiled or transformed, no Python dispatch mode (fake tensors, ...) active, no autocast on the
+    first tensor's device (plain autograd would run the backward's matmuls under it; ``autocast_free``: the caller's
+    reference calls no op autocast changes, so autocast does not matter), and every tensor a plain one on a real
+    device: the conditions under which an op's registered wrapper adds nothing. The first tensor must be given."""
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack()):
+            or torch._C._len_torch_dispatch_stack()
+            or (not autocast_free and torch.is_autocast_enabled(tensors[0].device.type))):
         return False
     return all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors)

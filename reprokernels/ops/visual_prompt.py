@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._apply import apply_function
+from .._apply import apply_function, plain_eager
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -27,6 +27,7 @@ from .._validation import (
     resolve_backend_for,
 )
 from ..reference.visual_prompt import ORDERS, RESIZE_MODES, SQUASHES, VPSpec
+from ..reference.visual_prompt import visual_prompt as reference_visual_prompt
 
 OP = "visual_prompt"
 register_op(OP, ("reference", "triton", "cuda", "cpu"))
@@ -314,5 +315,10 @@ def visual_prompt(
         f"delta={'per_sample' if delta.dim() == 4 else 'shared'}"))
     if chosen != "reference":
         check_float(x, "x", KERNEL_DTYPES)
+    # auto's reference as plain autograd (see plain_eager): eager's cost. Elementwise ops, pad and interpolate in
+    # float32 only: autocast changes none of them, forward or backward.
+    if chosen == "reference" and backend == "auto" and plain_eager(x, delta, mask_t, mean_t, std_t,
+                                                                   autocast_free=True):
+        return reference_visual_prompt(x, delta, mask_t, mean_t, std_t, spec)
     ints, floats, modes = spec.to_schema()
     return apply_function(VisualPromptFunction, x, delta, mask_t, mean_t, std_t, ints, floats, modes, chosen)
