@@ -32,7 +32,8 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
     reference calls no op autocast changes, so autocast does not matter), and every tensor a plain one on a real
     device: the conditions under which an op's registered wrapper adds nothing. The first tensor must be given."""
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or torch._C._len_torch_dispatch_stack()
-            or (not autocast_free and torch.is_autocast_enabled(tensors[0].device.type))):
+            or torch._C._len_torch_dispatch_stack()):
         return False
-    return all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors)
+    if not all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors):
+        return False
+    return autocast_free or not torch.is_autocast_enabled(tensors[0].device.type)
