@@ -382,7 +382,9 @@ def test_auto_routes_to_cpu_only_for_a_supported_case():
     assert resolve_backend("visual_prompt", "auto", CPU,
                            case=("dtype=torch.float32", "resize=nearest", "mask=fixed", "delta=shared")) == "reference"
     assert resolve_backend("visual_prompt", "auto", CPU,
-                           case=("dtype=torch.float32", "resize=none", "mask=tensor", "delta=shared")) == "reference"
+                           case=("dtype=torch.float32", "resize=none", "mask=tensor", "delta=shared")) == "cpu"
+    assert resolve_backend("visual_prompt", "auto", CPU,
+                           case=("dtype=torch.float16", "resize=none", "mask=tensor", "delta=per_sample")) == "cpu"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=count")) == "cpu"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.float32", "weight=prob")) == "cpu"
     assert resolve_backend("label_histogram", "auto", CPU, case=("dtype=torch.int64", "weight=count")) == "reference"
@@ -411,7 +413,9 @@ def test_auto_through_the_ops_picks_what_was_measured():
         rk.visual_prompt(torch.rand(2, 3, 4, 4), torch.zeros(3, 8, 8), mask="frame", mask_width=2)
         assert spy.call_count == 1
         rk.visual_prompt(torch.rand(2, 3, 4, 4), torch.zeros(3, 8, 8), mask=torch.rand(1, 1, 8, 8))
-        assert spy.call_count == 1
+        assert spy.call_count == 2  # tensor masks: measured faster too
+        rk.visual_prompt(torch.rand(2, 3, 4, 4), torch.zeros(3, 8, 8), resize=2)  # resize: the reference
+        assert spy.call_count == 2
 
 
 def test_info_reports_the_cpu_module():

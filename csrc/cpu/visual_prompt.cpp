@@ -26,18 +26,37 @@ namespace {
 
 constexpr std::int64_t elem_size(int dt) { return dt == F32 ? 4 : 2; }
 
-// sigmoid by fast_exp (about 1 ulp). fast_exp clamps its argument instead of overflowing, so below -88.7 (where
-// exp(-d) overflows float and 1 / (1 + inf) is 0, as torch.sigmoid gives) the 0 is written out; NaN is kept out
-// of fast_exp's float-to-int conversion and passed through.
+// exp(x) for x in [-87, 88.3] (the caller clamps): common.h's fast_exp reduction and polynomial, but 2^n as one
+// factor, which that range allows (n in [-126, 127]); fast_exp's two-factor scaling, written for the whole float
+// range, is a quarter of the instructions of a vectorised sigmoid.
+inline float exp_narrow(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float(static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23);
+}
+
+// sigmoid = 1 / (1 + exp(-d)), about 1 ulp. Above d = 87, exp(-d) < 2^-125 and 1 + it rounds to 1, so clamping
+// there changes nothing; below d = -88.3 the true value is under 5e-39 (subnormal) and 0 is written, as torch's
+// 1 / (1 + inf) gives below -88.72. NaN is kept out of the float-to-int conversion and passed through.
 inline float sigmoid_f(float d) {
   const bool nan = d != d;
-  const float s = 1.0f / (1.0f + fast_exp(nan ? 0.0f : -d));
-  return nan ? d : (d < -88.7f ? 0.0f : s);
+  const float t = nan ? 0.0f : (d > 87.0f ? -87.0f : (d < -88.3f ? 88.3f : -d));
+  const float s = 1.0f / (1.0f + exp_narrow(t));
+  return nan ? d : (d < -88.3f ? 0.0f : s);
 }
 
 // tanh without a libm call (std::tanh does not vectorise): Cephes' tanhf, an odd polynomial below |x| = 0.625
 // (where 1 - 2 / (exp(2|x|) + 1) would cancel) and that expression above; about 2 ulp. The sign is put back with
-// copysign so tanh(-0) = -0; exp(2|x|) saturates in fast_exp, which gives exactly 1 for large |x| and inf.
+// copysign so tanh(-0) = -0. Beyond |x| = 44.15, exp(2|x|) > 2^127 and 1 - 2 / (e + 1) is exactly 1 from there
+// on, so the clamp of 2|x| at 88.3 (inf included) changes nothing.
 inline float tanh_f(float x) {
   const bool nan = x != x;
   const float a = std::fabs(x);
@@ -48,7 +67,8 @@ inline float tanh_f(float x) {
   p = p * z + 1.33314422036e-1f;
   p = p * z - 3.33332819422e-1f;
   const float small = a + a * z * p;
-  const float large = 1.0f - 2.0f / (fast_exp(nan ? 0.0f : a + a) + 1.0f);
+  const float a2 = nan ? 0.0f : (a > 44.15f ? 88.3f : a + a);
+  const float large = 1.0f - 2.0f / (exp_narrow(a2) + 1.0f);
   return nan ? x : std::copysign(a < 0.625f ? small : large, x);
 }
 
@@ -434,8 +454,9 @@ RK_CLONES void dd_fixed_seg(const float* a, const float* g, float* out, std::int
   for (std::int64_t j = lo; j < hi; ++j) out[j] = a[j] * dsquash<K>(g[j]);
 }
 
-// ... of a shared delta under a per-sample mask: acc = sum over b of m_b * gt_b (0 where m_b == 0), nz = whether
-// any m_b != 0; d delta = g'(delta) * acc where nz, else 0 (delta not read there).
+// ... of a shared delta under a tensor mask walked per sample (a per-sample mask, or the mask gradient asked for):
+// acc = sum over b of m_b * gt_b (0 where m_b == 0), nz = whether any m_b != 0; d delta = g'(delta) * acc where nz,
+// else 0 (delta not read there).
 template <int K>
 RK_CLONES void dd_nz_row(const float* acc, const float* nz, const float* g, float* out, std::int64_t n) {
 #pragma omp simd
@@ -497,8 +518,10 @@ void bwd(const VisualPromptParams& p) {
   // A float16 or W-strided grad goes through float32 row buffers and the float32 row code.
   const bool staged = DT == F16 || p.grad_sw != 1;
   const bool pre = p.order == 0, clamp = p.has_clamp != 0;
-  // per_b: the prompt term's gradient is needed per sample (a per-sample delta or mask), else only its batch sum
-  const bool per_b = delta_b || mask_b;
+  // per_b: the prompt term's gradient is needed per sample, else only its batch sum: a per-sample delta or mask,
+  // and the mask gradient (sum over b of gt * g, not (sum of gt) * g: an infinite g meeting gradients of both
+  // signs is NaN in the reference, as here)
+  const bool per_b = delta_b || mask_b || dm;
   RowBwdFn row_fn;
   if (staged) {
     row_fn = pre ? (clamp ? (per_b ? &bwd_row<F32, true, true, false> : &bwd_row<F32, true, true, true>)
@@ -525,7 +548,7 @@ void bwd(const VisualPromptParams& p) {
   {
     const std::int64_t nb = RB * W;
     std::vector<float> gblk(!delta_b && need_g ? nb : 0), mblk(tmask && !mask_b ? nb : 0);
-    std::vector<float> pblk(clamp && !per_b ? nb : 0), acc(nb), nz(mask_b && !delta_b && dd ? nb : 0);
+    std::vector<float> pblk(clamp && !per_b ? nb : 0), acc(nb), nz(per_b && !delta_b && dd ? nb : 0);
     std::vector<float> cells(dm ? ncell * W : 0);
     std::vector<float> gtrow(W), grow(W), mrow(W), prow(W), ddrow(W);
     std::vector<float> gbuf(staged ? W : 0), xrow(p.w), dxrow(staged ? p.w : 0);
@@ -638,16 +661,13 @@ void bwd(const VisualPromptParams& p) {
         }
         if (dm && p.Bm != 1) flush_cells(b);
       }
-      if (!per_b && dm)
-        for (std::int64_t r = r0; r < r1; ++r)
-          add_prod_row(cells.data() + ((r - r0) / rpp) * W, acc.data() + (r - r0) * W, grows[r - r0], W);
       if (dm && p.Bm == 1) flush_cells(0);
       if (dd && !delta_b) {
         for (std::int64_t r = r0; r < r1; ++r) {
           std::int64_t c, i;
           rc(r, c, i);
           const float* ar = acc.data() + (r - r0) * W;
-          if (mask_b) {
+          if (per_b) {  // acc and nz by acc_masked_row
             if (p.squash == 1) dd_nz_row<1>(ar, nz.data() + (r - r0) * W, grows[r - r0], ddrow.data(), W);
             else if (p.squash == 2) dd_nz_row<2>(ar, nz.data() + (r - r0) * W, grows[r - r0], ddrow.data(), W);
             else dd_nz_row<0>(ar, nz.data() + (r - r0) * W, grows[r - r0], ddrow.data(), W);
