@@ -32,12 +32,12 @@ def supports(case: tuple) -> str:
     delta ("shared" (C, H, W) or "per_sample").
 
     auto takes the cpu kernels for x of any kernel dtype without resize: every mask kind and delta layout, any
-    squash, order, clamp, mean/std. Measured (2 threads, quick B8 and full B256 shapes of benchmarks/shapes.py,
-    float32 and float16, fwd and fwd+bwd) faster than the eager chain everywhere (2-20x) and than torch.compile
-    of it on all but two points, where it trails: the ILM-VP expansive float32 forward + backward at B8 (a tie
-    with 2 threads, 1.2-1.4x slower on 1 thread: the op's fixed per-call cost and squash(delta) of the whole canvas
-    on every call) and per-sample deltas at B8 (a tie). The float16 and bfloat16 gaps to compile of the former
-    scalar half conversion are gone. Not implemented: resize.
+    squash, order, clamp, mean/std. Measured (benchmarks/shapes.py quick B8 and full B256 shapes: ILM-VP expansive
+    32 -> 224 sigmoid and SMM per-sample 3x28x28 masks; float32 / float16 / bfloat16; fwd and fwd+bwd; interleaved
+    medians) faster than the eager chain on every point (1.4-20x) and than torch.compile of it on all but these,
+    where it ties or trails: expansive float32 fwd+bwd at B8 (1.0x on 1 thread), per-sample deltas at B8 (a tie),
+    and B1, where the op's fixed per-call cost (~0.1 ms of Python and dispatch) leaves it 1.2-1.5x behind both
+    eager and compile (auto cannot route by size: case carries none). Not implemented: resize.
     """
     d = case_dict(case)
     if d.get("resize", "none") != "none":
