@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common.h"
+#include "half_rows.h"
 #include "kernels.h"
 
 namespace rkcpu {
@@ -58,6 +59,16 @@ RK_CLONES void row_softmax_stats(const void* x, std::int64_t base, std::int64_t 
   *nan_out = nan != 0;
 }
 
+// A contiguous float16 row as float32 in buf (the CPU's conversion instructions, half_rows.h), or null when the
+// row is read in place: the integer half conversion in every sweep made float16 2-3x slower than bfloat16.
+template <int DT>
+const float* staged_row(const LabelHistogramParams& p, std::int64_t b, std::vector<float>& buf) {
+  if (DT != F16 || p.x_sk != 1) return nullptr;
+  buf.resize(static_cast<std::size_t>(p.K));
+  f16_row_to_float(reinterpret_cast<const std::uint16_t*>(p.x) + b * p.x_sb, buf.data(), p.K);
+  return buf.data();
+}
+
 template <int DT>
 void run(const LabelHistogramParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
@@ -73,8 +84,15 @@ void run(const LabelHistogramParams& p) {
     if (p.preds) {
       for (std::int64_t b = 0; b < B; ++b) pred[b] = load_index(p.pred_dtype, x, b * p.x_sb);
     } else {
-#pragma omp parallel for schedule(static) num_threads(nt)
-      for (std::int64_t b = 0; b < B; ++b) pred[b] = row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
+#pragma omp parallel num_threads(nt)
+      {
+        std::vector<float> buf;
+#pragma omp for schedule(static)
+        for (std::int64_t b = 0; b < B; ++b) {
+          const float* r = staged_row<DT>(p, b, buf);
+          pred[b] = r ? row_argmax<F32>(r, 0, 1, K) : row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
+        }
+      }
     }
     for (std::int64_t b = 0; b < B; ++b)
       if (in_range(pred[b], y[b])) out[pred[b] * p.out_sk + y[b] * p.out_st] += 1.0f;
@@ -89,18 +107,22 @@ void run(const LabelHistogramParams& p) {
   std::vector<std::uint8_t> top1(B);  // the row takes the top-1 shortcut
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<float> row, tmp;
+    std::vector<float> row, tmp, buf;
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < B; ++b) {
       float m, s;
       bool nan;
-      row_softmax_stats<DT>(x, b * p.x_sb, p.x_sk, K, &m, &s, &nan);
+      const float* r = staged_row<DT>(p, b, buf);
+      if (r)
+        row_softmax_stats<F32>(r, 0, 1, K, &m, &s, &nan);
+      else
+        row_softmax_stats<DT>(x, b * p.x_sb, p.x_sk, K, &m, &s, &nan);
       mx[b] = m;
       inv[b] = 1.0 / static_cast<double>(s);
       top1[b] = p.topk == 1 && !nan;
       if (top1[b]) {
         thr[b] = m;
-        last[b] = row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
+        last[b] = r ? row_argmax<F32>(r, 0, 1, K) : row_argmax<DT>(x, b * p.x_sb, p.x_sk, K);
       } else if (p.topk > 0) {
         row.resize(static_cast<std::size_t>(K));
         for (std::int64_t k = 0; k < K; ++k) row[k] = load<DT>(x, b * p.x_sb + k * p.x_sk);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "half_rows.h"
 #include "kernels.h"
 
 namespace rkcpu {
@@ -47,9 +48,12 @@ RK_CLONES void softmax_row(const void* x, std::int64_t base, std::int64_t sk, st
 
 // 16-bit rows are staged through a float32 row buffer (one conversion sweep, then the float32 sweeps on a row in
 // L1/L2): converting in every sweep made the bf16/fp16 kernels slower than the float32 one on half the bytes.
+// float16: the CPU's conversion instructions (half_rows.h); bfloat16 converts by a shift in any vector loop.
 template <int DT>
 RK_CLONES void row_to_float(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float* dst) {
-  if (sk == 1) {
+  if (DT == F16 && sk == 1) {
+    f16_row_to_float(static_cast<const std::uint16_t*>(x) + base, dst, K);
+  } else if (sk == 1) {
 #pragma omp simd
     for (std::int64_t k = 0; k < K; ++k) dst[k] = load<DT>(x, base + k);
   } else {
@@ -59,6 +63,10 @@ RK_CLONES void row_to_float(const void* x, std::int64_t base, std::int64_t sk, s
 
 template <int DT>
 RK_CLONES void row_from_float(const float* src, std::int64_t K, void* dst, std::int64_t obase) {
+  if (DT == F16) {
+    float_row_to_f16(src, static_cast<std::uint16_t*>(dst) + obase, K);
+    return;
+  }
 #pragma omp simd
   for (std::int64_t k = 0; k < K; ++k) store<DT>(dst, obase + k, src[k]);
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common.h"
+#include "half_rows.h"
 #include "kernels.h"
 
 namespace rkcpu {
@@ -44,8 +45,27 @@ void fwd(const SoftPromptParams& p) {
   void* out = reinterpret_cast<void*>(p.out);
   const std::int64_t PL = p.P + p.L, D = p.D;
   const bool scaled = p.embed_scale != 1.0f;
+  const int nt = threads_of(p.threads);
+  // A prompt in another dtype (float32 master weights beside a 16-bit table) is rounded into the output's dtype
+  // once per call, (T, P, D), and then copied like a table row: the same single rounding, T * P * D conversions
+  // instead of B * P * D.
+  std::vector<unsigned char> conv;
+  const void* prompt_rows = prompt;
+  std::int64_t pst = p.prompt_st, psp = p.prompt_sp, psd = p.prompt_sd;
+  if constexpr (PDT != TDT) {
+    constexpr std::int64_t es = TDT == F32 ? 4 : 2;
+    conv.resize(static_cast<std::size_t>(p.T * p.P * D * es));
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (std::int64_t r = 0; r < p.T * p.P; ++r)
+      copy_row<PDT, TDT>(prompt, (r / p.P) * p.prompt_st + (r % p.P) * p.prompt_sp, p.prompt_sd, conv.data(),
+                         r * D, D, 1.0f, false);
+    prompt_rows = conv.data();
+    pst = p.P * D;
+    psp = D;
+    psd = 1;
+  }
   advise_huge(out, p.B * PL * D * (TDT == F32 ? 4 : 2));
-#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
+#pragma omp parallel for schedule(static) num_threads(nt)
   for (std::int64_t r = 0; r < p.B * PL; ++r) {
     const std::int64_t b = r / PL, j = r % PL;
     std::int64_t s = ins ? load_index(p.insert_dtype, ins, b * p.insert_s) : 0;
@@ -54,7 +74,7 @@ void fwd(const SoftPromptParams& p) {
     if (j >= s && j < s + p.P) {
       std::int64_t t = task ? load_index(p.task_dtype, task, b * p.task_s) : 0;
       t = std::min(std::max<std::int64_t>(t, 0), p.T - 1);
-      copy_row<PDT, TDT>(prompt, t * p.prompt_st + (j - s) * p.prompt_sp, p.prompt_sd, out, obase, D, 1.0f, false);
+      copy_row<TDT, TDT>(prompt_rows, t * pst + (j - s) * psp, psd, out, obase, D, 1.0f, false);
       continue;
     }
     const std::int64_t l = j < s ? j : j - p.P;
@@ -87,7 +107,7 @@ void bwd(const SoftPromptParams& p) {
     void* dp = reinterpret_cast<void*>(p.dprompt);
 #pragma omp parallel num_threads(nt)
     {
-      std::vector<float> acc(D);
+      std::vector<float> acc(D), row(GDT == F16 ? D : 0);
 #pragma omp for schedule(static)
       for (std::int64_t r = 0; r < p.T * P; ++r) {
         const std::int64_t t = r / P, i = r % P;
@@ -96,7 +116,12 @@ void bwd(const SoftPromptParams& p) {
         for (std::int64_t b = 0; b < B; ++b) {
           if (tasks[b] != t) continue;
           const std::int64_t base = b * p.grad_sb + (starts[b] + i) * p.grad_sj;
-          if (p.grad_sd == 1) {
+          if (GDT == F16 && p.grad_sd == 1) {  // the CPU's half conversion (half_rows.h), then a float32 sum
+            f16_row_to_float(static_cast<const std::uint16_t*>(g) + base, row.data(), D);
+            const float* v = row.data();
+#pragma omp simd
+            for (std::int64_t d = 0; d < D; ++d) a[d] += v[d];
+          } else if (p.grad_sd == 1) {
 #pragma omp simd
             for (std::int64_t d = 0; d < D; ++d) a[d] += load<GDT>(g, base + d);
           } else {
