@@ -142,23 +142,25 @@ def _values_unreadable(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
-def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = "") -> None:
-    """Every value of the integer tensor ``t`` in [lo, hi] (inclusive).
+def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = "") -> int | None:
+    """Every value of the integer tensor ``t`` in [lo, hi] (inclusive); returns the smallest value where the check
+    read it on the host (eager, non-empty), else None.
 
     Eager: a ``ValueError`` naming ``name``, the range and the first offending bound. Asynchronous (CUDA by
     default): ``torch._assert_async`` with the same message, no host sync. Skipped for empty, meta and fake
     tensors and while torch.compile traces (the kernels clamp or mask indices, so nothing is read out of bounds).
     """
     if t.numel() == 0 or _values_unreadable(t):
-        return
+        return None
     why = f" ({what})" if what else ""
     if checks_are_eager(t.device):
         lo_v, hi_v = value_range(t)
         if lo_v < lo or hi_v > hi:
             raise ValueError(f"{name}: expected values in [{lo}, {hi}]{why}, got {lo_v if lo_v < lo else hi_v}")
-        return
+        return lo_v
     ok = (t.min() >= lo) & (t.max() <= hi)
     torch._assert_async(ok, f"{name}: expected values in [{lo}, {hi}]{why}")
+    return None
 
 
 def check_nonzero(t: torch.Tensor, name: str) -> None:

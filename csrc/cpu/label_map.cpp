@@ -119,31 +119,51 @@ RK_CLONES void transform_entries(int input, float* v, std::int64_t n, float m, f
   }
 }
 
+// val[e] = row[src[e]], 0 where src[e] < 0: a gather the avx512f / avx2 clones vectorise (the index is clamped to
+// 0 for the load, so no lane reads outside the row, and the select drops it).
+RK_CLONES void gather_entries(const float* row, const std::int64_t* src, std::int64_t E, float* val) {
+#pragma omp simd
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::int64_t k = src[e] < 0 ? 0 : src[e];
+    const float v = row[k];
+    val[e] = src[e] < 0 ? 0.0f : v;
+  }
+}
+
 template <int DT>
 void index_fwd(const LabelMapParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
   void* out = reinterpret_cast<void*>(p.out);
   const std::vector<float> w = target_weights(p);
   const int odt = p.input == 0 ? DT : F32;
-  // The mapping's entries in (t, j) order, read once: their sources (-1 where there is none, or out of range).
+  // The mapping's entries in (t, j) order, read once: their sources (-1 where there is none, or out of range) and
+  // weights (the target's, 0 for no source: such an entry's value, 0 or a finite transform of 0, adds +0.0 as
+  // the reference's masked sum does).
   const std::int64_t E = p.T * p.M;
   std::vector<std::int64_t> src(static_cast<std::size_t>(E));
+  std::vector<float> we(static_cast<std::size_t>(E));
   for (std::int64_t t = 0; t < p.T; ++t)
     for (std::int64_t j = 0; j < p.M; ++j) {
       const std::int64_t k = map_at(p, t, j);
-      src[t * p.M + j] = (k < 0 || k >= p.K) ? -1 : k;  // -1: no source; out of range: never read
+      const bool none = k < 0 || k >= p.K;  // -1: no source; out of range: never read
+      src[t * p.M + j] = none ? -1 : k;
+      we[t * p.M + j] = none ? 0.0f : w[t];
     }
+  // A 16-bit row is staged as float32 (one conversion sweep) when the softmax statistics read all of it, and a
+  // float16 one also when the mapping gathers much of it (CLIP's 81 templates x 397 classes of 32,157 columns):
+  // the float16 conversion is costly element by element, the bfloat16 one a shift.
+  const bool staged = DT != F32 && (p.input != 0 || (DT == F16 && E * 4 >= p.K));
+  const bool direct = DT == F32 && p.x_sk == 1;  // gather straight from a contiguous float32 row
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
     std::vector<float> val(static_cast<std::size_t>(E));
-    const bool staged = DT != F32 && p.input != 0;
     std::vector<float> xrow(staged ? static_cast<std::size_t>(p.K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb;
       float m = 0.0f, ls = 0.0f;
-      if (staged) {
-        row_to_float<DT>(x, base, p.x_sk, p.K, xrow.data());
+      if (staged) row_to_float<DT>(x, base, p.x_sk, p.K, xrow.data());
+      if (staged && p.input != 0) {
         row_stats<F32>(xrow.data(), 0, 1, p.K, &m, &ls);
         reinterpret_cast<float*>(p.lse)[2 * b] = m;
         reinterpret_cast<float*>(p.lse)[2 * b + 1] = ls;
@@ -152,17 +172,16 @@ void index_fwd(const LabelMapParams& p) {
       }
       // gather the mapped logits, then transform them in one vectorisable sweep (a scalar exp per entry cost
       // ~17 ns: BAR's 1000 entries per row took longer than eager's whole softmax)
-      if (staged)
-        for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : xrow[src[e]];
+      if (staged || direct)
+        gather_entries(staged ? xrow.data() : static_cast<const float*>(x) + base, src.data(), E, val.data());
       else
         for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : load<DT>(x, base + src[e] * p.x_sk);
       transform_entries(p.input, val.data(), E, m, ls);
       for (std::int64_t t = 0; t < p.T; ++t) {
+        const float* v = val.data() + t * p.M;
+        const float* wt = we.data() + t * p.M;
         float acc = 0.0f;
-        for (std::int64_t j = 0; j < p.M; ++j) {
-          if (src[t * p.M + j] < 0) continue;
-          acc += val[t * p.M + j] * w[t];
-        }
+        for (std::int64_t j = 0; j < p.M; ++j) acc += v[j] * wt[j];
         store_any(odt, out, b * p.T + t, acc);
       }
     }
@@ -233,7 +252,9 @@ void index_bwd(const LabelMapParams& p) {
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
     std::vector<float> gv(static_cast<std::size_t>(p.T)), cs(static_cast<std::size_t>(U)), xs(static_cast<std::size_t>(U));
-    const bool staged = DT != F32 && p.input != 0;
+    // staged: see index_fwd; a float16 dx row of the logits input is zeros plus U mapped columns, written as
+    // float32 and converted once when U is a large part of the row
+    const bool staged = DT != F32 && (p.input != 0 || (DT == F16 && U * 4 >= K));
     std::vector<float> drow(staged ? static_cast<std::size_t>(K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
@@ -246,7 +267,7 @@ void index_bwd(const LabelMapParams& p) {
         for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
       }
       // the mapped columns: each column's run summed in entry order, then f's backward in one vectorisable sweep
-      if (staged) row_to_float<DT>(x, base, p.x_sk, K, drow.data());
+      if (staged && p.input != 0) row_to_float<DT>(x, base, p.x_sk, K, drow.data());
       for (std::int64_t u = 0; u < U; ++u) {
         float c = 0.0f;
         for (std::int64_t e = runs[u]; e < runs[u + 1]; ++e) c += gv[entries[e].tgt] * entries[e].w;
@@ -255,7 +276,10 @@ void index_bwd(const LabelMapParams& p) {
       }
       sparse_grads(p.input, xs.data(), cs.data(), U, m, ls, S);
       if (staged) {
-        softmax_row_inplace(drow.data(), K, m, ls, S);
+        if (p.input != 0)
+          softmax_row_inplace(drow.data(), K, m, ls, S);
+        else
+          std::fill(drow.begin(), drow.end(), 0.0f);
         for (std::int64_t u = 0; u < U; ++u) drow[cols[u]] = xs[u];
         row_from_float<DT>(drow.data(), K, dx, obase);
       } else {

@@ -106,22 +106,24 @@ class LabelMapFunction(torch.autograd.Function):
         return dx if needs[0] else None, dw if needs[1] else None, None, None, None
 
 
-def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
-    """An index mapping as (K_tgt, m), or a dense (K_src, K_tgt) one; ranges checked before any kernel runs."""
+def _check_mapping(mapping: torch.Tensor, k_src: int) -> tuple[torch.Tensor, bool]:
+    """An index mapping as (K_tgt, m), or a dense (K_src, K_tgt) one; ranges checked before any kernel runs. And
+    whether the mapping is known to be a plain one-to-one gather: (K_tgt, 1) with every entry a real source."""
     check_tensor(mapping, "mapping")
     if mapping.is_floating_point():
         if mapping.dim() != 2 or mapping.shape[0] != k_src:
             raise ValueError(f"mapping: a dense (float) mapping must be (K_src={k_src}, K_tgt), "
                              f"got shape {tuple(mapping.shape)}")
-        return mapping
+        return mapping, False
     if mapping.dtype not in INDEX_DTYPES:  # (bool included: a mask is not a mapping)
         raise TypeError(f"mapping: expected integer source indices (int64/int32/int16/int8/uint8) or a float "
                         f"(K_src, K_tgt) matrix, got {mapping.dtype}")
     if mapping.dim() not in (1, 2):
         raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
     m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
-    check_index_range(m2, -1, k_src - 1, "mapping", "source indices, or -1 for none")
-    return m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)
+    lowest = check_index_range(m2, -1, k_src - 1, "mapping", "source indices, or -1 for none")
+    gather = m2.shape[1] == 1 and lowest is not None and lowest >= 0
+    return (m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)), gather
 
 
 def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mean", input: str = "logits",
@@ -153,10 +155,16 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     k_src = logits.shape[-1]
     if k_src == 0:  # softmax, max and mean over no source class are undefined: refused on every backend
         raise ValueError(f"logits: expected at least one source class (K_src >= 1), got shape {tuple(logits.shape)}")
-    m2 = _check_mapping(mapping, k_src)
+    m2, gather = _check_mapping(mapping, k_src)
     check_same_device(("logits", logits), ("mapping", mapping))
     lead = logits.shape[:-1]
     flat = logits.reshape(-1, k_src)
+    if backend == "auto" and gather and input == "logits" and flat.device.type == "cpu" and plain_eager(flat, m2):
+        # one real source per target, logits as they are (FLM / ILM-VP): the op is a column gather, and torch's
+        # advanced indexing (backward: index_put_ with accumulate) is exactly the eager chain, without the op's
+        # per-call cost (float64 logits included: the reference's result is the same gather)
+        out = flat[:, mapping if mapping.dim() == 1 and mapping.dtype in KERNEL_INDEX_DTYPES else m2[:, 0]]
+        return out.reshape(*lead, out.shape[-1])
     chosen = resolve_backend_for(OP, backend, logits.device, case=(
         f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
         f"mapping_dtype={m2.dtype}", f"input={input}"))
