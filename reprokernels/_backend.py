@@ -14,6 +14,7 @@ that has not declared it can serve it. An explicitly requested backend that cann
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -113,6 +114,7 @@ def backend_status(backend: str, device_type: str) -> tuple[bool, str]:
     return False, f"unknown backend {backend!r}"
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of (op, case): parsed once per distinct call signature
 def cpu_supports(op: str, case: tuple | None) -> str:
     """Why auto does not pick the cpu backend for ``op`` on this case ("" when it does)."""
     if case is None:

@@ -12,7 +12,7 @@ import torch
 import reprokernels as rk
 from reprokernels import _backend, _cpu
 from reprokernels._backend import BackendUnavailableError, resolve_backend
-from tests.utils import as_layout, assert_close, grads_match_compiled
+from tests.utils import as_layout, assert_close, grads_match_compiled, with_threads
 
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason=f"cpu backend not built: {_cpu.unavailable_reason()}")
 
@@ -26,17 +26,8 @@ def _tol(dtype, scale=1.0):
     return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype] * scale
 
 
-def _with_threads(n, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
-
-
 def _bitwise_same_1_vs_2(fn):
-    a, b = _with_threads(1, fn), _with_threads(2, fn)
+    a, b = with_threads(1, fn), with_threads(2, fn)
     for x, y in zip(a, b, strict=True):
         if x is not None:
             assert torch.equal(x.view(torch.uint8) if x.dtype != torch.bool else x,

@@ -16,21 +16,12 @@ import torch
 
 import reprokernels as rk
 from reprokernels import _cpu
-from tests.utils import assert_close
+from tests.utils import assert_close, with_threads
 
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason=f"cpu backend not built: {_cpu.unavailable_reason()}")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 4e-5, torch.float16: 4e-3, torch.bfloat16: 3.2e-2}
-
-
-def _with_threads(n, fn):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(saved)
 
 
 def _run(params, kw, backend, grad_layout="contiguous", grad_dtype=None):
@@ -61,7 +52,7 @@ def _check(params, kw, dtype, grad_layout="contiguous", threads=(1, 2, 3)):
         tol = TOL[dtype] if name in ("out", "dx") else TOL.get(a.dtype, 4e-5) * (1 + 9 * (dtype != torch.float32))
         mag = max(1.0, float(b.detach().float().abs().max())) if b.numel() else 1.0
         assert_close(a.float(), b.float(), rtol=tol, atol=tol * mag, name=name)
-    runs = [_with_threads(n, lambda: _run(params, kw, "cpu", grad_layout)) for n in threads]
+    runs = [with_threads(n, lambda: _run(params, kw, "cpu", grad_layout)) for n in threads]
     for other in runs[1:]:
         for a, b in zip(runs[0], other, strict=True):
             assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

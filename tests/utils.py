@@ -71,6 +71,16 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: torch.d
     raise AssertionError("\n".join(lines))
 
 
+def with_threads(n: int, fn: Callable[[], object]) -> object:
+    """fn() with torch's (and so the cpu kernels') thread count set to n, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a floating tensor with NaN (integers with their max) so an element a kernel never writes shows up."""
     if t.is_floating_point():
