@@ -19,9 +19,10 @@
 // portable baseline and picks one at load time (an ifunc resolver reading cpuid), so the default build stays
 // portable (no -march=native) and still runs 16 / 8 lanes where the CPU has them. Only functions without an
 // OpenMP parallel region inside get it (the outlined parallel body would not be cloned); they are called from the
-// parallel loops. -std=c++17 keeps -ffp-contract=off, so the clones differ only in the lane count of a
-// vectorised reduction (the same bits for any thread count on one machine). GCC on x86-64 Linux (glibc ifunc)
-// only; elsewhere, or with -DRK_NO_CLONES, the baseline alone.
+// parallel loops. GCC contracts a * b + c into an FMA in C++ where the target has one (the avx512f clone), so the
+// clones differ in rounding and in the lane count of a vectorised reduction; on one machine every thread runs the
+// same clone (the same bits for any thread count). GCC on x86-64 Linux (glibc ifunc) only; elsewhere, or with
+// -DRK_NO_CLONES, the baseline alone.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(RK_NO_CLONES)
 #define RK_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
 #else
@@ -125,10 +126,9 @@ inline std::int64_t load_index(std::int32_t code, const void* p, std::int64_t i)
   }
 }
 
-// expf for x <= 0 mostly (softmax), valid on the whole float range: Cody-Waite reduction by ln 2 and a degree-6
-// polynomial, about 1 ulp; written without calls or branches so `omp simd` loops vectorise it.
-inline float fast_exp(float x) {
-  x = x < -104.0f ? -104.0f : (x > 88.7f ? 88.7f : x);
+// The polynomial part of expf: x = n ln 2 + r by Cody-Waite reduction, e^r by a degree-6 polynomial (about 1 ulp),
+// n returned for the caller's 2^n. No calls or branches, so `omp simd` loops vectorise it. x must be clamped.
+inline float exp_poly(float x, float* n_out) {
   // round to nearest by the 1.5 * 2^23 trick: vectorises without SSE4.1's roundps
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
@@ -139,7 +139,15 @@ inline float fast_exp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  *n_out = n;
+  return p * r * r + r + 1.0f;
+}
+
+// expf for x <= 0 mostly (softmax), valid on the whole float range.
+inline float fast_exp(float x) {
+  x = x < -104.0f ? -104.0f : (x > 88.7f ? 88.7f : x);
+  float n;
+  const float p = exp_poly(x, &n);
   // 2^n by building the exponent; n in [-150, 128): split in two factors so no intermediate overflows
   const std::int32_t ni = static_cast<std::int32_t>(n);
   const std::int32_t n1 = ni / 2, n2 = ni - ni / 2;

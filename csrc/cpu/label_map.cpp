@@ -149,10 +149,11 @@ void index_fwd(const LabelMapParams& p) {
       src[t * p.M + j] = none ? -1 : k;
       we[t * p.M + j] = none ? 0.0f : w[t];
     }
-  // A 16-bit row is staged as float32 (one conversion sweep) when the softmax statistics read all of it, and a
-  // float16 one also when the mapping gathers much of it (CLIP's 81 templates x 397 classes of 32,157 columns):
-  // the float16 conversion is costly element by element, the bfloat16 one a shift.
-  const bool staged = DT != F32 && (p.input != 0 || (DT == F16 && E * 4 >= p.K));
+  // A 16-bit row is staged as float32 (one conversion sweep) when the softmax statistics read all of it, and any
+  // row when the mapping gathers much of it in no order (CLIP's 81 templates x 397 classes of 32,157 columns): one
+  // sequential sweep the prefetcher follows, then the gather from L1/L2 (gathering from memory took longer than
+  // torch.compile's whole kernel).
+  const bool staged = (DT != F32 && p.input != 0) || (p.input == 0 && E * 4 >= p.K);
   const bool direct = DT == F32 && p.x_sk == 1;  // gather straight from a contiguous float32 row
 #pragma omp parallel num_threads(threads_of(p.threads))
   {

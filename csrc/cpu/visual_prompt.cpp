@@ -30,16 +30,8 @@ constexpr std::int64_t elem_size(int dt) { return dt == F32 ? 4 : 2; }
 // factor, which that range allows (n in [-126, 127]); fast_exp's two-factor scaling, written for the whole float
 // range, is a quarter of the instructions of a vectorised sigmoid.
 inline float exp_narrow(float x) {
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  float n;
+  const float p = exp_poly(x, &n);
   return p * bits_to_float(static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23);
 }
 
