@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -179,6 +180,18 @@ inline float row_max(const void* x, std::int64_t base, std::int64_t sk, std::int
 }
 
 inline int threads_of(std::int32_t t) { return t > 0 ? t : 1; }
+
+// A per-thread scratch vector of n elements, reused across calls (capacity kept; contents stale: the caller
+// overwrites or fills what it reads). Buffers of 128 KiB and more that a call allocates afresh are mmapped by glibc
+// and faulted in page by page on every call: for a 32,157-entry label mapping that was 1.2 ms per backward call,
+// more than the work at small batches. Slot tells apart the buffers of one function. Threads are the caller's and
+// OpenMP's pool threads, which live as long as the process.
+template <typename T, int Slot>
+inline std::vector<T>& scratch(std::size_t n) {
+  thread_local std::vector<T> v;
+  v.resize(n);
+  return v;
+}
 
 // A large fresh output (a new mmap from the allocator, not yet touched) costs more in first-touch page faults than
 // in writes: about 30 ms for 77 MB on 4 KiB pages. Asking for transparent huge pages on it (what PyTorch itself

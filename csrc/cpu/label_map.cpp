@@ -140,8 +140,8 @@ void index_fwd(const LabelMapParams& p) {
   // weights (the target's, 0 for no source: such an entry's value, 0 or a finite transform of 0, adds +0.0 as
   // the reference's masked sum does).
   const std::int64_t E = p.T * p.M;
-  std::vector<std::int64_t> src(static_cast<std::size_t>(E));
-  std::vector<float> we(static_cast<std::size_t>(E));
+  std::vector<std::int64_t>& src = scratch<std::int64_t, 0>(static_cast<std::size_t>(E));
+  std::vector<float>& we = scratch<float, 1>(static_cast<std::size_t>(E));
   for (std::int64_t t = 0; t < p.T; ++t)
     for (std::int64_t j = 0; j < p.M; ++j) {
       const std::int64_t k = map_at(p, t, j);
@@ -157,8 +157,9 @@ void index_fwd(const LabelMapParams& p) {
   const bool direct = DT == F32 && p.x_sk == 1;  // gather straight from a contiguous float32 row
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
-    std::vector<float> val(static_cast<std::size_t>(E));
-    std::vector<float> xrow(staged ? static_cast<std::size_t>(p.K) : 0);
+    // (slots 2 and 3: a pool thread may also be the calling thread, which holds slots 0 and 1)
+    std::vector<float>& val = scratch<float, 2>(static_cast<std::size_t>(E));
+    std::vector<float>& xrow = scratch<float, 3>(staged ? static_cast<std::size_t>(p.K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb;
@@ -218,45 +219,50 @@ void index_bwd(const LabelMapParams& p) {
   const std::vector<float> w = target_weights(p);
   // The inverse table, sorted by source column; stable, so a column's contributions are added in (t, j) order:
   // the reference's index_add_ order.
-  std::vector<Entry> entries;
-  entries.reserve(static_cast<std::size_t>(p.T * p.M));
+  std::vector<Entry>& entries = scratch<Entry, 0>(static_cast<std::size_t>(p.T * p.M));
   std::vector<float> tw(p.T, 0.0f);
+  std::size_t n_entries = 0;
   for (std::int64_t t = 0; t < p.T; ++t)
     for (std::int64_t j = 0; j < p.M; ++j) {
       const std::int64_t k = map_at(p, t, j);
       if (k >= 0 && k < p.K) {
-        entries.push_back({k, t, w[t]});
+        entries[n_entries++] = {k, t, w[t]};
         tw[t] += w[t];
       }
     }
+  entries.resize(n_entries);
   const std::int64_t K = p.K;
   if (static_cast<std::int64_t>(entries.size()) * 16 > K) {  // many entries: a counting sort, O(E + K), stable
-    std::vector<std::int64_t> start(static_cast<std::size_t>(K) + 1, 0);
+    std::vector<std::int64_t>& start = scratch<std::int64_t, 0>(static_cast<std::size_t>(K) + 1);
+    std::fill(start.begin(), start.end(), 0);
     for (const Entry& e : entries) ++start[e.col + 1];
     for (std::int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    std::vector<Entry> sorted(entries.size());
+    std::vector<Entry>& sorted = scratch<Entry, 1>(entries.size());
     for (const Entry& e : entries) sorted[start[e.col]++] = e;
     entries.swap(sorted);
   } else {
     std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
   }
   // the distinct columns and where each one's run of entries starts (runs[U] = the end)
-  std::vector<std::int64_t> cols, runs;
+  std::vector<std::int64_t>& cols = scratch<std::int64_t, 1>(entries.size());
+  std::vector<std::int64_t>& runs = scratch<std::int64_t, 2>(entries.size() + 1);
+  std::int64_t U = 0;
   for (std::size_t e = 0; e < entries.size(); ++e)
     if (e == 0 || entries[e].col != entries[e - 1].col) {
-      cols.push_back(entries[e].col);
-      runs.push_back(static_cast<std::int64_t>(e));
+      cols[U] = entries[e].col;
+      runs[U++] = static_cast<std::int64_t>(e);
     }
-  runs.push_back(static_cast<std::int64_t>(entries.size()));
-  const std::int64_t U = static_cast<std::int64_t>(cols.size());
+  runs[U] = static_cast<std::int64_t>(entries.size());
   advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
-    std::vector<float> gv(static_cast<std::size_t>(p.T)), cs(static_cast<std::size_t>(U)), xs(static_cast<std::size_t>(U));
+    std::vector<float>& gv = scratch<float, 4>(static_cast<std::size_t>(p.T));
+    std::vector<float>& cs = scratch<float, 5>(static_cast<std::size_t>(U));
+    std::vector<float>& xs = scratch<float, 6>(static_cast<std::size_t>(U));
     // staged: see index_fwd; a float16 dx row of the logits input is zeros plus U mapped columns, written as
     // float32 and converted once when U is a large part of the row
     const bool staged = DT != F32 && (p.input != 0 || (DT == F16 && U * 4 >= K));
-    std::vector<float> drow(staged ? static_cast<std::size_t>(K) : 0);
+    std::vector<float>& drow = scratch<float, 7>(staged ? static_cast<std::size_t>(K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb, obase = b * K;
