@@ -234,7 +234,15 @@ def soft_prompt_concat(
     embeds = apply_function(SoftPromptConcatFunction, prompt, input_ids, inputs_embeds, embedding_weight, task_ids,
                             insert_at, scale, chosen)
     mask_out = labels_out = position_ids = None
-    if attention_mask is not None or labels is not None:
+    if insert_at is None and (attention_mask is not None or labels is not None):
+        # the prompt prepended (PEFT's layout): each per-token tensor is a prompt block and itself, one cat
+        if attention_mask is not None:
+            mask_out = torch.cat((attention_mask.new_ones((B, P)), attention_mask), dim=1)
+            keep = mask_out != 0
+            position_ids = (keep.long().cumsum(-1) - 1).masked_fill(~keep, 0)
+        if labels is not None:
+            labels_out = torch.cat((labels.new_full((B, P), -100), labels), dim=1)
+    elif attention_mask is not None or labels is not None:
         j = torch.arange(P + L, device=prompt.device).view(1, -1)
         s = insert_at.view(B, 1).long() if insert_at is not None else torch.zeros(B, 1, dtype=torch.long,
                                                                                   device=prompt.device)
