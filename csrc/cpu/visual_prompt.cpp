@@ -29,7 +29,7 @@ constexpr std::int64_t elem_size(int dt) { return dt == F32 ? 4 : 2; }
 // exp(x) for x in [-87, 88.3] (the caller clamps): common.h's fast_exp reduction and polynomial, but 2^n as one
 // factor, which that range allows (n in [-126, 127]); fast_exp's two-factor scaling, written for the whole float
 // range, is a quarter of the instructions of a vectorised sigmoid.
-inline float exp_narrow(float x) {
+RK_ALWAYS_INLINE float exp_narrow(float x) {
   float n;
   const float p = exp_poly(x, &n);
   return p * bits_to_float(static_cast<std::uint32_t>(static_cast<std::int32_t>(n) + 127) << 23);
