@@ -22,9 +22,9 @@ def supports(case: tuple) -> str:
     """case keys: dtype (of the logits or integer predictions), weight ("count" or "prob").
 
     auto takes the cpu kernel where it was measured faster than the reference (auto's other choice)
-    (docs/cpu-backend.md): counts of the argmax of logits of any kernel dtype (FLM; faster than eager, and than
-    torch.compile of it except float16: 0.8x, scalar half conversion), and weight="prob" (BLM+ top-1: 3.7x eager
-    and compile in float32; every k: 1.5x eager for all classes, 0.75x for top-3, always 2-7x the reference).
+    (docs/cpu-backend.md): counts of the argmax of logits of any kernel dtype (FLM, N 50,000 x 1000: 2.2x eager and
+    2.0x compile in float32, 8.6x / 2.3x in float16), and weight="prob" (BLM+ top-1: 3.9-5.8x eager and compile;
+    every k: 1.5x eager for all classes, 0.75x for top-3, always 2-7x the reference).
     Implemented but not measured faster (so auto keeps the reference): integer predictions.
     """
     d = case_dict(case)
