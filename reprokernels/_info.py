@@ -36,6 +36,11 @@ AUTO_ROUTES = {
         "lacks. CPU: composite"),
     "merge_attention_states": "CUDA: cuda when no input needs a gradient and none is float64, else reference. "
                               "CPU: reference",
+    "label_map": (
+        "CPU, eager mode: a one-to-one map of logits with every source real runs as torch's column gather (the "
+        "eager chain); index maps otherwise: cpu; dense maps: the reference as plain PyTorch (a BLAS GEMM). "
+        "Compiled or traced: the registered op (cpu for index maps, reference for dense)"),
+    "visual_prompt": "CPU: cpu unless resize is asked (the reference, as plain PyTorch in eager mode)",
 }
 
 
