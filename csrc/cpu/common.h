@@ -187,6 +187,19 @@ inline float row_max(const void* x, std::int64_t base, std::int64_t sk, std::int
   return m;
 }
 
+// sum_k exp(x_k - shift) over a row in float32: one vectorised sweep (inlined into each caller's clone).
+template <int DT>
+RK_ALWAYS_INLINE float row_sum_exp(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float shift) {
+  float s = 0.0f;
+  if (sk == 1) {
+#pragma omp simd reduction(+ : s)
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k) - shift);
+  } else {
+    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k * sk) - shift);
+  }
+  return s;
+}
+
 inline int threads_of(std::int32_t t) { return t > 0 ? t : 1; }
 
 // A per-thread scratch vector of n elements, reused across calls (capacity kept; contents stale: the caller

@@ -47,15 +47,8 @@ RK_CLONES void row_softmax_stats(const void* x, std::int64_t base, std::int64_t 
                                  float* s_out, bool* nan_out) {
   std::int32_t nan = 0;
   const float m = row_max<DT>(x, base, sk, K, &nan);
-  float s = 0.0f;
-  if (sk == 1) {
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k) - m);
-  } else {
-    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k * sk) - m);
-  }
   *m_out = m;
-  *s_out = s;
+  *s_out = row_sum_exp<DT>(x, base, sk, K, m);
   *nan_out = nan != 0;
 }
 

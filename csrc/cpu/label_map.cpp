@@ -19,15 +19,8 @@ RK_CLONES void row_stats(const void* x, std::int64_t base, std::int64_t sk, std:
   float m = row_max<DT>(x, base, sk, K, &nan);
   if (nan) m = NAN;  // torch's max propagates NaN
   const float shift = (m == -INFINITY) ? 0.0f : m;
-  float s = 0.0f;
-  if (sk == 1) {
-#pragma omp simd reduction(+ : s)
-    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k) - shift);
-  } else {
-    for (std::int64_t k = 0; k < K; ++k) s += fast_exp(load<DT>(x, base + k * sk) - shift);
-  }
   *m_out = m;
-  *ls_out = std::log(s);
+  *ls_out = std::log(row_sum_exp<DT>(x, base, sk, K, shift));
 }
 
 // dx row = -softmax(x) * S in one streaming pass (x == null: zeros, the logits input's row).
