@@ -72,9 +72,29 @@ def threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def run(name: str, params: object) -> None:
+class Params:
+    """A kernel's parameters, set as attributes (``p.B = 4``) and handed to the kernel as one dict by ``run``:
+    the fields of its C++ struct (csrc/cpu/kernels.h); an unknown name or a non-numeric value raises there."""
+
+
+def run(name: str, params: Params) -> None:
     """Run kernel ``name``; a refusal (code 1) becomes CpuKernelError naming it."""
     params.threads = threads()  # type: ignore[attr-defined]
-    code = getattr(extension(), name)(params)
+    code = getattr(extension(), name)(params.__dict__)
     if code != 0:
         raise CpuKernelError(f"reprokernels CPU kernel '{name}' refused its parameters (code {code})")
+
+
+def index_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """(min, max) of a non-empty CPU integer tensor of one or two dims read in place by the CPU module, or None
+    where it cannot (not built, another dtype or rank): the caller then asks torch."""
+    code = _INDEX_CODES.get(t.dtype)
+    mod = _load()[0]
+    if code is None or mod is None or t.dim() not in (1, 2):
+        return None
+    if t.dim() == 1:
+        return mod.index_range(t.data_ptr(), code, t.shape[0], 1, t.stride(0), 1)
+    return mod.index_range(t.data_ptr(), code, t.shape[0], t.shape[1], *t.stride())
+
+
+_INDEX_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.int8: 3, torch.uint8: 4}

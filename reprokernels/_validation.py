@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import torch
 from torch._subclasses.fake_tensor import is_fake  # already imported by torch itself
 
+from . import _cpu
 from ._backend import BACKENDS, BackendUnavailableError, op_backends, resolve_backend
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -84,9 +85,13 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty integer tensor with one device-to-host sync (a range check before a launch)."""
-    lo, hi = torch.aminmax(t)
-    if t.device.type == "cpu":  # no sync to save: two scalar reads are cheaper than a stack
+    if t.device.type == "cpu":  # no sync to save: read in place by the CPU module, or two scalar reads
+        found = _cpu.index_range(t)
+        if found is not None:
+            return found
+        lo, hi = torch.aminmax(t)
         return int(lo), int(hi)
+    lo, hi = torch.aminmax(t)
     lo, hi = torch.stack([lo, hi]).tolist()
     return int(lo), int(hi)
 

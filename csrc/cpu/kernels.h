@@ -1,5 +1,5 @@
-// Parameter blocks and entry points of the CPU kernels (reprokernels._cpu). Plain C++: Python fills a params
-// struct field by field (pybind11 def_readwrite) from tensors it validated (reprokernels/cpu/*.py). Pointers are
+// Parameter blocks and entry points of the CPU kernels (reprokernels._cpu). Plain C++: Python gives a params
+// struct's fields as a dict (param_dict.h) from tensors it validated (reprokernels/cpu/*.py). Pointers are
 // integers, sizes and strides int64 in elements, dtype codes as in common.h. Every entry returns 0 on success or
 // 1 for parameters it cannot serve (an unknown code, a missing pointer), so nothing is run on bad input.
 //
@@ -79,5 +79,10 @@ struct LabelHistogramParams {
 };
 // out (K, T) float32, any strides, accumulated in place.
 int label_histogram_accumulate(const LabelHistogramParams& p);
+
+// (lo, hi) of the (n0, n1) integer tensor at ptr (index code as load_index; strides in elements; a 1-D tensor is
+// (n0, 1)); 1 for a null pointer, an unknown code or an empty tensor.
+int index_range(std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::int64_t n1, std::int64_t s0,
+                std::int64_t s1, std::int64_t* lo, std::int64_t* hi);
 
 }  // namespace rkcpu

@@ -47,12 +47,15 @@ void fwd(const SoftPromptParams& p) {
   const bool scaled = p.embed_scale != 1.0f;
   const int nt = threads_of(p.threads);
   // A prompt in another dtype (float32 master weights beside a 16-bit table) is rounded into the output's dtype
-  // once per call, (T, P, D), and then copied like a table row: the same single rounding, T * P * D conversions
-  // instead of B * P * D.
+  // once per call, (T, P, D), and then copied like a table row where the batch has more rows than the table has
+  // tasks: the same single rounding, T * P * D conversions instead of B * P * D. A small batch converts its rows
+  // on the way (no buffer, no extra pass).
   std::vector<unsigned char> conv;
   const void* prompt_rows = prompt;
   std::int64_t pst = p.prompt_st, psp = p.prompt_sp, psd = p.prompt_sd;
-  if constexpr (PDT != TDT) {
+  bool rounded = PDT == TDT;
+  if (PDT != TDT && p.B > p.T) {
+    rounded = true;
     constexpr std::int64_t es = TDT == F32 ? 4 : 2;
     conv.resize(static_cast<std::size_t>(p.T * p.P * D * es));
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -74,7 +77,8 @@ void fwd(const SoftPromptParams& p) {
     if (j >= s && j < s + p.P) {
       std::int64_t t = task ? load_index(p.task_dtype, task, b * p.task_s) : 0;
       t = std::min(std::max<std::int64_t>(t, 0), p.T - 1);
-      copy_row<TDT, TDT>(prompt_rows, t * pst + (j - s) * psp, psd, out, obase, D, 1.0f, false);
+      if (rounded) copy_row<TDT, TDT>(prompt_rows, t * pst + (j - s) * psp, psd, out, obase, D, 1.0f, false);
+      else copy_row<PDT, TDT>(prompt, t * pst + (j - s) * psp, psd, out, obase, D, 1.0f, false);
       continue;
     }
     const std::int64_t l = j < s ? j : j - p.P;

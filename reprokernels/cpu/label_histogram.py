@@ -42,7 +42,7 @@ def label_histogram_accumulate(out: torch.Tensor, x: torch.Tensor, targets: torc
     check_cpu(out=out, x=x, targets=targets)
     if targets.numel() == 0:
         return
-    p = _cpu.extension().LabelHistogramParams()
+    p = _cpu.Params()
     p.K, p.T = out.shape
     p.out = out.data_ptr()
     p.out_sk, p.out_st = out.stride()

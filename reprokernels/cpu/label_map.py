@@ -54,7 +54,7 @@ def _set_index_mapping(p, mapping: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 def _params(logits: torch.Tensor, input: str):
-    p = _cpu.extension().LabelMapParams()
+    p = _cpu.Params()
     p.x_dtype = float_code(logits, "logits")
     p.B, p.K = logits.shape
     p.x = logits.data_ptr()

@@ -38,7 +38,7 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
     assert src is not None
     P, D = prompt.shape[-2], prompt.shape[-1]
     B, L = input_ids.shape if from_ids else inputs_embeds.shape[:2]
-    p = _cpu.extension().SoftPromptParams()
+    p = _cpu.Params()
     p.prompt_dtype = float_code(prompt, "prompt")
     p.tok_dtype = float_code(src, "embedding_weight" if from_ids else "inputs_embeds")
     out = empty_output((B, P + L, D), src.dtype, src.device)
@@ -79,7 +79,7 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
         raise ValueError(f"grad: expected (B, P + L = {prompt.shape[-2] + L}, D = {prompt.shape[-1]}), "
                          f"got {tuple(grad.shape)}")
     grad_k = grad if grad.dtype in DTYPE_CODES else grad.to(torch.float32)
-    p = _cpu.extension().SoftPromptParams()
+    p = _cpu.Params()
     p.prompt_dtype = float_code(prompt, "prompt")
     p.tok_dtype = p.grad_dtype = DTYPE_CODES[grad_k.dtype]
     p.B, p.L, p.P, p.D = B, L, P, D

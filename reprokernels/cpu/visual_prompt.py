@@ -64,7 +64,7 @@ def _kernel_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _params(x, delta, mask4, mean, std, spec: VPSpec):
-    p = _cpu.extension().VisualPromptParams()
+    p = _cpu.Params()
     B, C, h, w = x.shape
     p.B, p.C, p.h, p.w = B, C, h, w
     p.H, p.W, p.top, p.left = spec.H, spec.W, spec.top, spec.left
