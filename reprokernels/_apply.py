@@ -10,9 +10,18 @@ Under torch.compile and functorch transforms (vmap, grad, ...) the regular ``Fn.
 plain differentiable PyTorch: what ``auto`` does on CPU tensors where it keeps the reference, since the wrapper
 (the autograd Function, the torch.library dispatch, a backward that recomputes the softmax) made the reference
 slower than the eager code it specifies, and plain autograd gives the same values at the eager code's cost.
+
+``direct_call(backend, *tensors)`` says when an op's autograd Function may call its backend's Python
+implementation itself instead of the registered op (``torch.ops.reprokernels.*``): for the cpu backend in plain
+eager mode with the profiler off. The dispatcher's round trip (argument conversion, the Python kernel's boxing, an
+empty tensor for each gradient not needed) cost 4 us per forward and 12 us per backward, as much as the kernels
+themselves at small sizes; it is what torch.compile, functorch, dispatch modes and the profiler need, so those keep it.
 """
 
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 import torch
 
@@ -37,3 +46,30 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
     if not all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors):
         return False
     return autocast_free or not torch.is_autocast_enabled(tensors[0].device.type)
+
+
+def direct_call(backend: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether the Function may skip the registered op (see the module docstring); ``tensors``: the op's inputs."""
+    # (plain_eager first: it is False while torch.compile traces, which cannot trace the profiler query)
+    return backend == "cpu" and plain_eager(*tensors, autocast_free=True) and not torch.autograd._profiler_enabled()
+
+
+_modules: dict[str, ModuleType] = {}
+
+
+def backend_module(modules: dict[str, str], backend: str) -> ModuleType:
+    """``importlib.import_module(modules[backend])``, remembered: a backend's launcher module, once imported."""
+    name = modules[backend]
+    mod = _modules.get(name)
+    if mod is None:
+        mod = _modules[name] = importlib.import_module(name)
+    return mod
+
+
+def run_function(fn: type[torch.autograd.Function], impl: object, *args: object, direct: bool) -> object:
+    """``fn.apply(*args, direct)``, or where ``direct`` and no tensor argument needs a gradient, ``impl(*args)``:
+    the backend's forward itself, since the Function has nothing to record then."""
+    if direct and not (torch.is_grad_enabled()
+                       and any(type(a) in _PLAIN_TYPES and a.requires_grad for a in args)):  # type: ignore[union-attr]
+        return impl(*args)  # type: ignore[operator]
+    return apply_function(fn, *args, direct)

@@ -13,9 +13,10 @@ Two pipelines: (a) ``ExpansivePrompter`` -> a frozen small CNN -> ``LabelMapping
   ``torch.optim`` makes on purpose around ``step``; none in reprokernels (checked on the visual pipeline; for
   the Llama pipeline the fullgraph=True forward + loss already rules out any break outside those torch parts,
   transformers' included).
-- Known bug (strict xfail): with a dynamo-only backend (``backend="eager"``) on CPU, the eager backward run
-  inside the compiled frame makes dynamo trace the ops' registered impls, which break at their
-  ``importlib.import_module``. AOTAutograd backends (aot_eager, inductor) never do this.
+- With a dynamo-only backend (``backend="eager"``) on CPU, the eager backward run inside the compiled frame
+  makes dynamo trace the ops' registered impls; they look their backend module up in a dict
+  (``reprokernels._apply.backend_module``), which dynamo traces without a break. (They used to call
+  ``importlib.import_module`` there and break.) AOTAutograd backends (aot_eager, inductor) never trace them.
 
 Backends: ``auto`` resolves to ``reference`` on CPU at trace time (``reprokernels._backend`` marks the
 resolution constant for dynamo); ``triton`` under ``TRITON_INTERPRET=1`` also runs inside compiled graphs,
@@ -255,14 +256,6 @@ def _assert_breaks_outside(sites: list[tuple[str, int, str]], step: Callable) ->
         assert resolved == mine or f"{Path('torch', 'optim')}" in resolved, f"unexpected graph break:\n{report}"
 
 
-_EAGER_BACKEND_BUG = (
-    "with a dynamo-only backend ('eager', or any backend without AOTAutograd) the backward runs as eager "
-    "autograd on the calling thread (CPU) inside the compiled frame, so dynamo traces the registered impls "
-    "(ops/*.py _bwd) as new frames and breaks at their importlib.import_module (under the Triton interpreter "
-    "it then traces into the interpreter and fails); fix: register the impls wrapped in torch._disable_dynamo, "
-    "as torch.library.custom_op does")
-
-
 def test_visual_whole_step_breaks_only_in_torch():
     torch._dynamo.reset()
     model, eager = _vision_model("auto"), _vision_model("auto")
@@ -290,7 +283,6 @@ def test_visual_whole_step_breaks_only_in_torch():
     assert_close(model.input_prompt.delta, eager.input_prompt.delta, rtol=1e-5, atol=1e-5, name="delta")
 
 
-@pytest.mark.xfail(reason=_EAGER_BACKEND_BUG, strict=True)
 def test_dynamo_only_backend_does_not_trace_op_impls():
     """A step with its backward inside the compiled function, compiled with backend="eager" (no AOTAutograd)."""
     torch._dynamo.reset()

@@ -310,7 +310,7 @@ def test_public_op_through_emulation(monkeypatch):
         p, e = prompt.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
         with monkeypatch.context() as m:
             if emulate:
-                m.setattr(sp_ops, "importlib", types.SimpleNamespace(import_module=lambda name: emulated))
+                m.setattr(sp_ops, "backend_module", lambda modules, backend: emulated)
             res = reprokernels.soft_prompt_concat(p, inputs_embeds=e, backend="reference", **kw)
             res.inputs_embeds.backward(torch.linspace(-1, 1, res.inputs_embeds.numel()).view(5, 10, 16).half())
         results.append((res, p.grad, e.grad))

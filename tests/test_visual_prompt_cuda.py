@@ -9,8 +9,6 @@ The ``gpu`` tests run the device kernels through the public ``reprokernels.visua
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -31,16 +29,10 @@ pytestmark = pytest.mark.skipif(not _cuda.extension_built(), reason="reprokernel
 # ---- helpers ------------------------------------------------------------------------------------------------------
 
 def spec_of(x: torch.Tensor, delta: torch.Tensor, **kwargs):
-    """(mask, mean, std, spec) exactly as the public function normalises them for the backends."""
-    captured = {}
-
-    def capture(fn, *args):
-        captured["args"] = args
-
-    with mock.patch.object(vp_ops, "apply_function", capture):
-        reprokernels.visual_prompt(x, delta, backend="reference", **kwargs)
-    _, _, mask, mean, std, ints, floats, modes, _ = captured["args"]
-    return mask, mean, std, VPSpec.from_schema(ints, floats, modes)
+    """(mask, mean, std, spec) exactly as the public function normalises them for the backends (through the
+    schema's ints/floats/modes, as the registered op receives them)."""
+    mask, mean, std, spec = vp_ops.prepare(x, delta, **kwargs)
+    return mask, mean, std, VPSpec.from_schema(*spec.to_schema())
 
 
 def grad_dtype(*dtypes: torch.dtype) -> torch.dtype:

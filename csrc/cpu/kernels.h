@@ -48,6 +48,20 @@ int soft_prompt_fwd(const SoftPromptParams& p);
 // (B, L, D) contiguous in grad_dtype.
 int soft_prompt_bwd(const SoftPromptParams& p);
 
+// The per-token tensors of a soft-prompted batch laid out like soft_prompt_fwd's output, (B, P + L) contiguous:
+// mask_out (mask's dtype: 1 at prompt positions), labels_out (labels' dtype: -100 there) and position_ids (int64:
+// the running count of non-zero mask entries minus 1, 0 where the mask is 0; written with mask_out). Index codes
+// as load_index (a bool mask is read and written as uint8; -100 wraps in uint8 labels, as torch's fill does).
+// with_mask / with_labels: which outputs to write.
+struct PromptLayoutParams {
+  std::uintptr_t mask = 0, labels = 0, insert = 0, mask_out = 0, labels_out = 0, position_ids = 0;
+  std::int64_t B = 0, L = 0, P = 0;
+  std::int64_t mask_sb = 0, mask_sl = 0, labels_sb = 0, labels_sl = 0, insert_s = 0;
+  std::int32_t mask_dtype = 0, labels_dtype = 0, insert_dtype = 0, with_mask = 0, with_labels = 0;
+  std::int32_t threads = 1;
+};
+int soft_prompt_layout(const PromptLayoutParams& p);
+
 struct VisualPromptParams {
   std::uintptr_t x = 0, delta = 0, mask = 0, mean = 0, stdev = 0, out = 0, grad = 0, dx = 0, ddelta = 0,
                  dmask = 0;

@@ -55,6 +55,20 @@ const FieldTable& fields(const SoftPromptParams*) {
   return t;
 }
 
+const FieldTable& fields(const PromptLayoutParams*) {
+  static const FieldTable t{
+      RK_FIELD(PromptLayoutParams, mask), RK_FIELD(PromptLayoutParams, labels), RK_FIELD(PromptLayoutParams, insert),
+      RK_FIELD(PromptLayoutParams, mask_out), RK_FIELD(PromptLayoutParams, labels_out),
+      RK_FIELD(PromptLayoutParams, position_ids), RK_FIELD(PromptLayoutParams, B), RK_FIELD(PromptLayoutParams, L),
+      RK_FIELD(PromptLayoutParams, P), RK_FIELD(PromptLayoutParams, mask_sb), RK_FIELD(PromptLayoutParams, mask_sl),
+      RK_FIELD(PromptLayoutParams, labels_sb), RK_FIELD(PromptLayoutParams, labels_sl),
+      RK_FIELD(PromptLayoutParams, insert_s), RK_FIELD(PromptLayoutParams, mask_dtype),
+      RK_FIELD(PromptLayoutParams, labels_dtype), RK_FIELD(PromptLayoutParams, insert_dtype),
+      RK_FIELD(PromptLayoutParams, with_mask), RK_FIELD(PromptLayoutParams, with_labels),
+      RK_FIELD(PromptLayoutParams, threads)};
+  return t;
+}
+
 const FieldTable& fields(const VisualPromptParams*) {
   static const FieldTable t{
       RK_FIELD(VisualPromptParams, x), RK_FIELD(VisualPromptParams, delta), RK_FIELD(VisualPromptParams, mask),
@@ -123,6 +137,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   def_kernel<LabelMapParams, &label_map_dense_bwd>(m, "label_map_dense_bwd", "LabelMapParams");
   def_kernel<SoftPromptParams, &soft_prompt_fwd>(m, "soft_prompt_fwd", "SoftPromptParams");
   def_kernel<SoftPromptParams, &soft_prompt_bwd>(m, "soft_prompt_bwd", "SoftPromptParams");
+  def_kernel<PromptLayoutParams, &soft_prompt_layout>(m, "soft_prompt_layout", "PromptLayoutParams");
   def_kernel<VisualPromptParams, &visual_prompt_fwd>(m, "visual_prompt_fwd", "VisualPromptParams");
   def_kernel<VisualPromptParams, &visual_prompt_bwd>(m, "visual_prompt_bwd", "VisualPromptParams");
   def_kernel<LabelHistogramParams, &label_histogram_accumulate>(m, "label_histogram_accumulate", "LabelHistogramParams");

@@ -165,7 +165,58 @@ bool codes_ok(const SoftPromptParams& p) {
          i(p.insert_dtype) && p.B >= 0 && p.L >= 0 && p.P >= 0 && p.D >= 0 && p.T >= 1;
 }
 
+inline void store_index(std::int32_t code, void* p, std::int64_t i, std::int64_t v) {
+  switch (code) {
+    case 0: static_cast<std::int64_t*>(p)[i] = v; break;
+    case 1: static_cast<std::int32_t*>(p)[i] = static_cast<std::int32_t>(v); break;
+    case 2: static_cast<std::int16_t*>(p)[i] = static_cast<std::int16_t>(v); break;
+    case 3: static_cast<std::int8_t*>(p)[i] = static_cast<std::int8_t>(v); break;
+    default: static_cast<std::uint8_t*>(p)[i] = static_cast<std::uint8_t>(v); break;
+  }
+}
+
 }  // namespace
+
+int soft_prompt_layout(const PromptLayoutParams& p) {
+  auto code_ok = [](std::int32_t c) { return c >= 0 && c <= 4; };
+  if (!code_ok(p.mask_dtype) || !code_ok(p.labels_dtype) || !code_ok(p.insert_dtype) || p.B < 0 || p.L < 0 ||
+      p.P < 0)
+    return 1;
+  if (p.B == 0 || p.P + p.L == 0) return 0;
+  // (an empty (B, 0) input has no data pointer: with L = 0 every position is a prompt position, nothing is read)
+  if ((p.with_mask && (!p.mask_out || !p.position_ids || (p.L && !p.mask))) ||
+      (p.with_labels && (!p.labels_out || (p.L && !p.labels))))
+    return 1;
+  const void* mask = reinterpret_cast<const void*>(p.mask);
+  const void* labels = reinterpret_cast<const void*>(p.labels);
+  const void* ins = reinterpret_cast<const void*>(p.insert);
+  void* mask_out = reinterpret_cast<void*>(p.mask_out);
+  void* labels_out = reinterpret_cast<void*>(p.labels_out);
+  auto* pos_out = reinterpret_cast<std::int64_t*>(p.position_ids);
+  const std::int64_t PL = p.P + p.L;
+  const int nt = p.B * PL >= (1 << 16) ? threads_of(p.threads) : 1;  // a handful of rows: no thread team
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (std::int64_t b = 0; b < p.B; ++b) {
+    std::int64_t s = ins ? load_index(p.insert_dtype, ins, b * p.insert_s) : 0;
+    s = std::min(std::max<std::int64_t>(s, 0), p.L);  // range-checked by the op; never read out of bounds
+    std::int64_t kept = 0;
+    for (std::int64_t j = 0; j < PL; ++j) {
+      const bool prompt_pos = j >= s && j < s + p.P;
+      const std::int64_t l = j < s ? j : j - p.P;
+      const std::int64_t o = b * PL + j;
+      if (p.with_mask) {
+        const std::int64_t m = prompt_pos ? 1 : load_index(p.mask_dtype, mask, b * p.mask_sb + l * p.mask_sl);
+        store_index(p.mask_dtype, mask_out, o, m);
+        kept += m != 0;
+        pos_out[o] = m != 0 ? kept - 1 : 0;
+      }
+      if (p.with_labels)
+        store_index(p.labels_dtype, labels_out, o,
+                    prompt_pos ? -100 : load_index(p.labels_dtype, labels, b * p.labels_sb + l * p.labels_sl));
+    }
+  }
+  return 0;
+}
 
 int soft_prompt_fwd(const SoftPromptParams& p) {
   // A pointer is needed only where something is read: no prompt rows for P = 0, no tokens for L = 0 (then V may

@@ -98,3 +98,40 @@ def soft_prompt_concat_backward(grad: torch.Tensor, prompt: torch.Tensor, task_i
     if dembeds is not None and dembeds.dtype != grad.dtype:
         dembeds = dembeds.to(grad.dtype)
     return dprompt, dembeds
+
+
+# the per-token tensors the layout kernel reads and writes in place: a bool mask as bytes (float masks stay with
+# torch); uint8 labels get -100 wrapped to 156, exactly as torch's new_full does
+_MASK_CODES = {**INDEX_CODES, torch.bool: INDEX_CODES[torch.uint8]}
+
+
+def prompt_layout(attention_mask: torch.Tensor | None, labels: torch.Tensor | None, insert_at: torch.Tensor | None,
+                  P: int) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """(mask_out, labels_out, position_ids), each (B, P + L) laid out like the forward's output, in one pass; None
+    where a dtype is not one the kernel reads (the caller then builds them with torch)."""
+    if ((attention_mask is not None and attention_mask.dtype not in _MASK_CODES)
+            or (labels is not None and labels.dtype not in INDEX_CODES)):
+        return None
+    check_cpu(attention_mask=attention_mask, labels=labels, insert_at=insert_at)
+    B, L = (attention_mask if attention_mask is not None else labels).shape
+    p = _cpu.Params()
+    p.B, p.L, p.P = B, L, P
+    mask_out = labels_out = position_ids = insert_k = None
+    if attention_mask is not None:
+        mask_out = torch.empty((B, P + L), dtype=attention_mask.dtype)
+        position_ids = torch.empty((B, P + L), dtype=torch.int64)
+        p.with_mask, p.mask, p.mask_dtype = 1, attention_mask.data_ptr(), _MASK_CODES[attention_mask.dtype]
+        p.mask_out = mask_out.data_ptr()
+        p.mask_sb, p.mask_sl = attention_mask.stride()
+        p.position_ids = position_ids.data_ptr()
+    if labels is not None:
+        labels_out = torch.empty((B, P + L), dtype=labels.dtype)
+        p.with_labels = 1
+        p.labels, p.labels_dtype, p.labels_out = labels.data_ptr(), INDEX_CODES[labels.dtype], labels_out.data_ptr()
+        p.labels_sb, p.labels_sl = labels.stride()
+    if insert_at is not None:
+        insert_k = _index(insert_at)
+        p.insert, p.insert_s, p.insert_dtype = insert_k.data_ptr(), insert_k.stride(0), INDEX_CODES[insert_k.dtype]
+    _cpu.run("soft_prompt_layout", p)
+    del insert_k
+    return mask_out, labels_out, position_ids

@@ -12,10 +12,9 @@ Backends: ``reference``, ``triton`` and ``cuda`` (csrc/label_histogram.cu: the T
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from .._apply import backend_module, direct_call
 from .._backend import register_op
 from .._validation import (
     KERNEL_DTYPES,
@@ -48,9 +47,11 @@ torch.library.define(
 )
 
 
-@torch.library.impl("reprokernels::label_histogram_accumulate", ["CPU", "CUDA"])
 def _accumulate(out, x, targets, topk, weight, backend):
-    importlib.import_module(_MODULES[backend]).label_histogram_accumulate(out, x, targets, topk, weight)
+    backend_module(_MODULES, backend).label_histogram_accumulate(out, x, targets, topk, weight)
+
+
+torch.library.impl("reprokernels::label_histogram_accumulate", ["CPU", "CUDA"])(_accumulate)
 
 
 @torch.library.register_fake("reprokernels::label_histogram_accumulate")
@@ -151,6 +152,10 @@ def label_histogram(logits_or_preds: torch.Tensor, targets: torch.Tensor, num_so
     else:
         flat = _kernel_index(x.reshape(-1))
     k = effective_topk(topk, num_source) if weight == "prob" else 0
-    torch.ops.reprokernels.label_histogram_accumulate(out, flat, _kernel_index(targets.reshape(-1)), k, weight,
-                                                      chosen)
+    t_flat = _kernel_index(targets.reshape(-1))
+    if direct_call(chosen, out, flat, t_flat):
+        _accumulate(out, flat, t_flat, k, weight, chosen)
+        torch.autograd.graph.increment_version(out)  # what the registered op's (a!) does for autograd's checks
+    else:
+        torch.ops.reprokernels.label_histogram_accumulate(out, flat, t_flat, k, weight, chosen)
     return out

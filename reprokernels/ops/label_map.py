@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .._amp import no_autocast
-from .._apply import apply_function, plain_eager
+from .._apply import backend_module, direct_call, plain_eager, run_function
 from .._backend import register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -52,11 +50,12 @@ def _kernel_mapping(mapping: torch.Tensor, backend: str) -> torch.Tensor:
     return mapping
 
 
-@torch.library.impl("reprokernels::label_map_fwd", ["CPU", "CUDA"])
 def _fwd(logits, mapping, reduce, input, backend):
     with no_autocast(logits.device):
-        return importlib.import_module(_MODULES[backend]).label_map(logits, _kernel_mapping(mapping, backend),
-                                                                    reduce, input)
+        return backend_module(_MODULES, backend).label_map(logits, _kernel_mapping(mapping, backend), reduce, input)
+
+
+torch.library.impl("reprokernels::label_map_fwd", ["CPU", "CUDA"])(_fwd)
 
 
 @torch.library.register_fake("reprokernels::label_map_fwd")
@@ -67,15 +66,23 @@ def _fwd_fake(logits, mapping, reduce, input, backend):
     return out, lse
 
 
-@torch.library.impl("reprokernels::label_map_bwd", ["CPU", "CUDA"])
 def _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend):
-    mod = importlib.import_module(_MODULES[backend])
+    mod = backend_module(_MODULES, backend)
     with no_autocast(logits.device):
         dx, dw = mod.label_map_backward(grad, logits, _kernel_mapping(mapping, backend), out, lse, reduce, input,
                                         *needs)
     if dw is not None:
         dw = dw.to(mapping.dtype)
-    return tuple(grad.new_empty((0,)) if t is None else t for t in (dx, dw))
+    return dx, dw
+
+
+def _bwd_op(grad, logits, mapping, out, lse, reduce, input, needs, backend):
+    # a registered op returns tensors: an empty one stands for a gradient that is not needed
+    return tuple(grad.new_empty((0,)) if t is None else t
+                 for t in _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend))
+
+
+torch.library.impl("reprokernels::label_map_bwd", ["CPU", "CUDA"])(_bwd_op)
 
 
 @torch.library.register_fake("reprokernels::label_map_bwd")
@@ -86,13 +93,16 @@ def _bwd_fake(grad, logits, mapping, out, lse, reduce, input, needs, backend):
 
 
 class LabelMapFunction(torch.autograd.Function):
+    """``direct``: call the backend's Python implementation instead of the registered op (see ``direct_call``)."""
+
     @staticmethod
-    def forward(logits, mapping, reduce, input, backend):
-        return torch.ops.reprokernels.label_map_fwd(logits, mapping, reduce, input, backend)
+    def forward(logits, mapping, reduce, input, backend, direct):
+        fwd = _fwd if direct else torch.ops.reprokernels.label_map_fwd
+        return fwd(logits, mapping, reduce, input, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, mapping, ctx.reduce, ctx.input, ctx.backend = inputs
+        logits, mapping, ctx.reduce, ctx.input, ctx.backend, ctx.direct = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(logits, mapping, out, lse)
@@ -101,9 +111,9 @@ class LabelMapFunction(torch.autograd.Function):
     def backward(ctx, grad, _grad_lse):
         logits, mapping, out, lse = ctx.saved_tensors
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1]) and mapping.is_floating_point()]
-        dx, dw = torch.ops.reprokernels.label_map_bwd(grad, logits, mapping, out, lse, ctx.reduce, ctx.input,
-                                                      needs, ctx.backend)
-        return dx if needs[0] else None, dw if needs[1] else None, None, None, None
+        bwd = _bwd if ctx.direct else torch.ops.reprokernels.label_map_bwd
+        dx, dw = bwd(grad, logits, mapping, out, lse, ctx.reduce, ctx.input, needs, ctx.backend)
+        return dx if needs[0] else None, dw if needs[1] else None, None, None, None, None
 
 
 def _check_mapping(mapping: torch.Tensor, k_src: int) -> tuple[torch.Tensor, bool]:
@@ -174,5 +184,6 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
         with no_autocast(flat.device):  # auto's reference as plain autograd (see plain_eager): eager's cost
             out = label_map_values(flat, m2, reduce, input)
     else:
-        out, _ = apply_function(LabelMapFunction, flat, m2, reduce, input, chosen)
+        out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
+                              direct=direct_call(chosen, flat, m2))
     return out.reshape(*lead, out.shape[-1])

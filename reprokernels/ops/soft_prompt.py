@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import NamedTuple
 
 import torch
 
-from .._apply import apply_function
+from .._apply import backend_module, direct_call, run_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -63,12 +62,14 @@ def _kernel_prompt(prompt: torch.Tensor, dtype: torch.dtype, backend: str) -> to
     return prompt
 
 
-@torch.library.impl("reprokernels::soft_prompt_concat_fwd", ["CPU", "CUDA"])
 def _fwd(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
-    mod = importlib.import_module(_MODULES[backend])
+    mod = backend_module(_MODULES, backend)
     tokens = inputs_embeds if inputs_embeds is not None else embedding_weight
     return mod.soft_prompt_concat(_kernel_prompt(prompt, tokens.dtype, backend), input_ids, inputs_embeds,
                                   embedding_weight, task_ids, insert_at, embed_scale)
+
+
+torch.library.impl("reprokernels::soft_prompt_concat_fwd", ["CPU", "CUDA"])(_fwd)
 
 
 @torch.library.register_fake("reprokernels::soft_prompt_concat_fwd")
@@ -81,15 +82,23 @@ def _fwd_fake(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, inse
     return embedding_weight.new_empty((B, P + L, D))
 
 
-@torch.library.impl("reprokernels::soft_prompt_concat_bwd", ["CPU", "CUDA"])
 def _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
-    mod = importlib.import_module(_MODULES[backend])
+    mod = backend_module(_MODULES, backend)
     # (the backward reads only the prompt's shape and dtype: its gradient is accumulated in float32 and cast)
     dp, de = mod.soft_prompt_concat_backward(grad, _kernel_prompt(prompt, torch.float32, backend), task_ids,
                                              insert_at, L, embed_scale, *needs)
     if dp is not None:
         dp = dp.to(prompt.dtype)
-    return tuple(grad.new_empty((0,)) if t is None else t for t in (dp, de))
+    return dp, de
+
+
+def _bwd_op(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
+    # a registered op returns tensors: an empty one stands for a gradient that is not needed
+    return tuple(grad.new_empty((0,)) if t is None else t
+                 for t in _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend))
+
+
+torch.library.impl("reprokernels::soft_prompt_concat_bwd", ["CPU", "CUDA"])(_bwd_op)
 
 
 @torch.library.register_fake("reprokernels::soft_prompt_concat_bwd")
@@ -100,14 +109,17 @@ def _bwd_fake(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend)
 
 
 class SoftPromptConcatFunction(torch.autograd.Function):
+    """``direct``: call the backend's Python implementation instead of the registered op (see ``direct_call``)."""
+
     @staticmethod
-    def forward(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend):
-        return torch.ops.reprokernels.soft_prompt_concat_fwd(prompt, input_ids, inputs_embeds, embedding_weight,
-                                                             task_ids, insert_at, embed_scale, backend)
+    def forward(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend,
+                direct):
+        fwd = _fwd if direct else torch.ops.reprokernels.soft_prompt_concat_fwd
+        return fwd(prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at, embed_scale, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        prompt, input_ids, inputs_embeds, _, task_ids, insert_at, ctx.embed_scale, ctx.backend = inputs
+        prompt, input_ids, inputs_embeds, _, task_ids, insert_at, ctx.embed_scale, ctx.backend, ctx.direct = inputs
         ctx.L = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
         ctx.save_for_backward(prompt, task_ids, insert_at)
 
@@ -115,10 +127,10 @@ class SoftPromptConcatFunction(torch.autograd.Function):
     def backward(ctx, grad):
         prompt, task_ids, insert_at = ctx.saved_tensors
         needs = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[2])]
-        dp, de = torch.ops.reprokernels.soft_prompt_concat_bwd(grad, prompt, task_ids, insert_at, ctx.L,
-                                                               ctx.embed_scale, needs, ctx.backend)
+        bwd = _bwd if ctx.direct else torch.ops.reprokernels.soft_prompt_concat_bwd
+        dp, de = bwd(grad, prompt, task_ids, insert_at, ctx.L, ctx.embed_scale, needs, ctx.backend)
         # embedding_weight (input 3) is frozen: no gradient, ever
-        return (dp if needs[0] else None, None, de if needs[1] else None, None, None, None, None, None)
+        return (dp if needs[0] else None, None, de if needs[1] else None, None, None, None, None, None, None)
 
 
 def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: int, what: str) -> None:
@@ -231,10 +243,16 @@ def soft_prompt_concat(
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
                             f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")
     assert tokens_dtype in FLOAT_DTYPES
-    embeds = apply_function(SoftPromptConcatFunction, prompt, input_ids, inputs_embeds, embedding_weight, task_ids,
-                            insert_at, scale, chosen)
+    direct = direct_call(chosen, prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at)
+    embeds = run_function(SoftPromptConcatFunction, _fwd, prompt, input_ids, inputs_embeds, embedding_weight,
+                          task_ids, insert_at, scale, chosen, direct=direct)
     mask_out = labels_out = position_ids = None
-    if insert_at is None and (attention_mask is not None or labels is not None):
+    laid_out = None
+    if direct and (attention_mask is not None or labels is not None):  # the cpu kernels: one pass, no torch ops
+        laid_out = backend_module(_MODULES, "cpu").prompt_layout(attention_mask, labels, insert_at, P)
+    if laid_out is not None:
+        mask_out, labels_out, position_ids = laid_out
+    elif insert_at is None and (attention_mask is not None or labels is not None):
         # the prompt prepended (PEFT's layout): each per-token tensor is a prompt block and itself, one cat
         if attention_mask is not None:
             mask_out = torch.cat((attention_mask.new_ones((B, P)), attention_mask), dim=1)

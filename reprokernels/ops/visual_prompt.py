@@ -3,13 +3,12 @@ normalisation) as one registered op with a fused backward."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .._apply import apply_function, plain_eager
+from .._apply import backend_module, direct_call, plain_eager, run_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -41,7 +40,7 @@ _MODULES = {
 
 
 def _impl(backend: str):
-    return importlib.import_module(_MODULES[backend])
+    return backend_module(_MODULES, backend)
 
 
 torch.library.define(
@@ -56,10 +55,12 @@ torch.library.define(
 )
 
 
-@torch.library.impl("reprokernels::visual_prompt_fwd", ["CPU", "CUDA"])
 def _fwd(x, delta, mask, mean, std, ints, floats, modes, backend):
     spec = VPSpec.from_schema(ints, floats, modes)
     return _impl(backend).visual_prompt(x, delta, mask, mean, std, spec)
+
+
+torch.library.impl("reprokernels::visual_prompt_fwd", ["CPU", "CUDA"])(_fwd)
 
 
 @torch.library.register_fake("reprokernels::visual_prompt_fwd")
@@ -67,13 +68,19 @@ def _fwd_fake(x, delta, mask, mean, std, ints, floats, modes, backend):
     return x.new_empty((x.shape[0], x.shape[1], ints[0], ints[1]))
 
 
-@torch.library.impl("reprokernels::visual_prompt_bwd", ["CPU", "CUDA"])
 def _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend):
     spec = VPSpec.from_schema(ints, floats, modes)
-    dx, dd, dm = _impl(backend).visual_prompt_backward(grad, x, delta, mask, mean, std, spec, *needs)
+    return _impl(backend).visual_prompt_backward(grad, x, delta, mask, mean, std, spec, *needs)
+
+
+def _bwd_op(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend):
     # the schema has no optional outputs: an unneeded gradient is an empty tensor (a fresh one each: outputs
     # must not alias)
-    return tuple(x.new_empty((0,)) if t is None else t for t in (dx, dd, dm))
+    return tuple(x.new_empty((0,)) if t is None else t
+                 for t in _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend))
+
+
+torch.library.impl("reprokernels::visual_prompt_bwd", ["CPU", "CUDA"])(_bwd_op)
 
 
 @torch.library.register_fake("reprokernels::visual_prompt_bwd")
@@ -85,13 +92,16 @@ def _bwd_fake(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backe
 
 
 class VisualPromptFunction(torch.autograd.Function):
+    """``direct``: call the backend's Python implementation instead of the registered op (see ``direct_call``)."""
+
     @staticmethod
-    def forward(x, delta, mask, mean, std, ints, floats, modes, backend):
-        return torch.ops.reprokernels.visual_prompt_fwd(x, delta, mask, mean, std, ints, floats, modes, backend)
+    def forward(x, delta, mask, mean, std, ints, floats, modes, backend, direct):
+        fwd = _fwd if direct else torch.ops.reprokernels.visual_prompt_fwd
+        return fwd(x, delta, mask, mean, std, ints, floats, modes, backend)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, delta, mask, mean, std, ctx.ints, ctx.floats, ctx.modes, ctx.backend = inputs
+        x, delta, mask, mean, std, ctx.ints, ctx.floats, ctx.modes, ctx.backend, ctx.direct = inputs
         ctx.save_for_backward(x, delta, mask, mean, std)
 
     @staticmethod
@@ -99,10 +109,10 @@ class VisualPromptFunction(torch.autograd.Function):
         x, delta, mask, mean, std = ctx.saved_tensors
         needs = [bool(n) for n in ctx.needs_input_grad[:3]]
         needs[2] = needs[2] and mask is not None
-        dx, dd, dm = torch.ops.reprokernels.visual_prompt_bwd(
-            grad, x, delta, mask, mean, std, ctx.ints, ctx.floats, ctx.modes, needs, ctx.backend)
+        bwd = _bwd if ctx.direct else torch.ops.reprokernels.visual_prompt_bwd
+        dx, dd, dm = bwd(grad, x, delta, mask, mean, std, ctx.ints, ctx.floats, ctx.modes, needs, ctx.backend)
         return (dx if needs[0] else None, dd if needs[1] else None, dm if needs[2] else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def _filled(vals: list[float], device: torch.device) -> torch.Tensor:
@@ -321,4 +331,5 @@ def visual_prompt(
                                                                    autocast_free=True):
         return reference_visual_prompt(x, delta, mask_t, mean_t, std_t, spec)
     ints, floats, modes = spec.to_schema()
-    return apply_function(VisualPromptFunction, x, delta, mask_t, mean_t, std_t, ints, floats, modes, chosen)
+    return run_function(VisualPromptFunction, _fwd, x, delta, mask_t, mean_t, std_t, ints, floats, modes, chosen,
+                        direct=direct_call(chosen, x, delta, mask_t, mean_t, std_t))

@@ -1,0 +1,161 @@
+"""The cpu backend's direct calls (reprokernels/_apply.py: ``direct_call``, ``run_function``) and soft_prompt's
+per-token layout kernel: the same values as the registered-op path and the torch layout code they bypass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reprokernels as rk
+from reprokernels import _cpu
+from reprokernels.ops import soft_prompt as sp_ops
+
+pytestmark = pytest.mark.skipif(not _cpu.available(), reason="the CPU module is not built")
+
+MASK_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool, torch.float32]
+LABEL_DTYPES = [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8]
+
+
+def _layout_inputs(B: int, L: int, mask_dtype: torch.dtype, labels_dtype: torch.dtype, strided: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, 2, (B, 2 * L if strided else L), generator=g)
+    mask[:, 0] = 3  # a non-zero that is not 1: kept as it is, counted as kept
+    labels = torch.randint(-100, 100, (B, 2 * L if strided else L), generator=g)
+    if strided:
+        mask, labels = mask[:, ::2], labels[:, ::2]
+    return mask.to(mask_dtype), labels.to(labels_dtype)
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("labels_dtype", LABEL_DTYPES)
+@pytest.mark.parametrize("insert", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_layout_matches_the_torch_code(mask_dtype, labels_dtype, insert, strided):
+    B, L, P, D = 5, 9, 3, 4
+    mask, labels = _layout_inputs(B, L, mask_dtype, labels_dtype, strided, seed=int(insert) + 2 * int(strided))
+    insert_at = torch.tensor([0, 9, 4, 1, 7], dtype=torch.int16) if insert else None
+    prompt = torch.randn(P, D)
+    embeds = torch.randn(B, L, D)
+    kw = dict(inputs_embeds=embeds, attention_mask=mask, labels=labels, insert_at=insert_at)
+    got = rk.soft_prompt_concat(prompt, backend="cpu", **kw)  # the layout kernel where the dtypes allow
+    want = rk.soft_prompt_concat(prompt, backend="reference", **kw)  # torch's cat/where/cumsum
+    for name in ("inputs_embeds", "attention_mask", "labels", "position_ids"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("which", ["mask", "labels"])
+def test_layout_with_one_of_mask_and_labels(which):
+    mask, labels = _layout_inputs(3, 6, torch.int64, torch.int64, False, seed=5)
+    kw = dict(attention_mask=mask) if which == "mask" else dict(labels=labels)
+    prompt, embeds = torch.randn(2, 4), torch.randn(3, 6, 4)
+    got = rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="cpu", **kw)
+    want = rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="reference", **kw)
+    for a, b in zip(got, want, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("L", [0, 1])
+def test_layout_degenerate_lengths(L):
+    prompt, embeds = torch.randn(3, 4), torch.randn(2, L, 4)
+    mask, labels = torch.ones(2, L, dtype=torch.long), torch.zeros(2, L, dtype=torch.long)
+    kw = dict(inputs_embeds=embeds, attention_mask=mask, labels=labels, insert_at=torch.full((2,), L))
+    got = rk.soft_prompt_concat(prompt, backend="cpu", **kw)
+    want = rk.soft_prompt_concat(prompt, backend="reference", **kw)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_layout_kernel_is_used_and_float_masks_are_not():
+    """The kernel serves integer and bool masks; a float mask goes to the torch code."""
+    calls = []
+    real = _cpu.run
+
+    def spy(name, p):
+        calls.append(name)
+        real(name, p)
+
+    prompt, embeds = torch.randn(2, 4), torch.randn(3, 5, 4)
+    mask = torch.ones(3, 5, dtype=torch.long)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_cpu, "run", spy)
+        rk.soft_prompt_concat(prompt, inputs_embeds=embeds, attention_mask=mask, labels=mask, backend="cpu")
+        assert "soft_prompt_layout" in calls
+        calls.clear()
+        rk.soft_prompt_concat(prompt, inputs_embeds=embeds, attention_mask=mask.float(), backend="cpu")
+        assert "soft_prompt_layout" not in calls
+
+
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("reprokernels::")}
+
+
+def test_profiler_sees_the_registered_ops():
+    """Under the profiler the Functions call the registered ops, so profiles name them; both paths agree."""
+    prompt = torch.randn(2, 4, requires_grad=True)
+    embeds = torch.randn(3, 5, 4)
+
+    def step():
+        out = rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="cpu").inputs_embeds
+        return torch.autograd.grad(out.square().sum(), prompt)[0]
+
+    names = _ops_called(step)
+    assert {"reprokernels::soft_prompt_concat_fwd", "reprokernels::soft_prompt_concat_bwd"} <= names
+    assert torch.equal(step(), torch.autograd.grad(
+        rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="cpu").inputs_embeds.square().sum(), prompt)[0])
+
+
+def test_direct_call_only_in_plain_eager():
+    from reprokernels._apply import direct_call
+
+    t = torch.randn(3)
+    assert direct_call("cpu", t)
+    assert not direct_call("reference", t)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not direct_call("cpu", t)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        assert not direct_call("cpu", torch.empty(3))
+
+
+def test_no_grad_forward_skips_the_function_and_matches():
+    """No input needing a gradient: the backend's forward runs alone (no autograd node), same values."""
+    prompt = torch.randn(2, 4, requires_grad=True)
+    embeds = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        a = rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="cpu").inputs_embeds
+    b = rk.soft_prompt_concat(prompt, inputs_embeds=embeds, backend="cpu").inputs_embeds
+    assert a.grad_fn is None and b.grad_fn is not None
+    assert torch.equal(a, b)
+    logits = torch.randn(4, 7)
+    mapping = torch.tensor([[1, 2], [6, -1]])
+    out = rk.label_map(logits, mapping, input="log_probs", backend="cpu")
+    assert out.grad_fn is None
+    assert torch.equal(out, rk.label_map(logits.requires_grad_(), mapping, input="log_probs", backend="cpu").detach())
+
+
+def test_histogram_direct_call_bumps_the_version():
+    out = torch.zeros(7, 3)
+    before = out._version
+    rk.label_histogram(torch.randn(5, 7), torch.tensor([0, 2, 1, 1, 0]), 7, 3, out=out, backend="cpu")
+    assert out._version > before and out.sum() == 5
+
+
+def test_kernel_prompt_rounding_goes_through_backend_module(monkeypatch):
+    """The registered impls find their backend through backend_module (what the CUDA emulation tests patch)."""
+    seen = []
+    real = sp_ops.backend_module
+
+    def spy(modules, backend):
+        seen.append(backend)
+        return real(modules, backend)
+
+    monkeypatch.setattr(sp_ops, "backend_module", spy)
+    rk.soft_prompt_concat(torch.randn(2, 4), inputs_embeds=torch.randn(1, 3, 4), backend="cpu")
+    assert seen == ["cpu"]
