@@ -23,22 +23,6 @@ RK_CLONES void row_stats(const void* x, std::int64_t base, std::int64_t sk, std:
   *ls_out = std::log(row_sum_exp<DT>(x, base, sk, K, shift));
 }
 
-// dx row = -softmax(x) * S in one streaming pass (x == null: zeros, the logits input's row).
-template <int DT>
-RK_CLONES void softmax_row(const void* x, std::int64_t base, std::int64_t sk, std::int64_t K, float m, float ls,
-                           float S, void* dx, std::int64_t obase) {
-  if (!x) {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, 0.0f);
-  } else if (sk == 1) {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k) - m - ls) * S));
-  } else {
-    for (std::int64_t k = 0; k < K; ++k)
-      store<DT>(dx, obase + k, -(fast_exp(load<DT>(x, base + k * sk) - m - ls) * S));
-  }
-}
-
 // 16-bit rows are staged through a float32 row buffer (one conversion sweep, then the float32 sweeps on a row in
 // L1/L2): converting in every sweep made the bf16/fp16 kernels slower than the float32 one on half the bytes.
 // float16: the CPU's conversion instructions (half_rows.h); bfloat16 converts by a shift in any vector loop.
@@ -64,12 +48,6 @@ RK_CLONES void row_from_float(const float* src, std::int64_t K, void* dst, std::
   for (std::int64_t k = 0; k < K; ++k) store<DT>(dst, obase + k, src[k]);
 }
 
-// v <- -softmax(v) * S in place (the staged row of a 16-bit dx).
-RK_CLONES void softmax_row_inplace(float* v, std::int64_t K, float m, float ls, float S) {
-#pragma omp simd
-  for (std::int64_t k = 0; k < K; ++k) v[k] = -(fast_exp(v[k] - m - ls) * S);
-}
-
 std::int64_t map_at(const LabelMapParams& p, std::int64_t t, std::int64_t j) {
   const void* mp = reinterpret_cast<const void*>(p.mapping);
   return p.map_dtype == 0 ? static_cast<const std::int64_t*>(mp)[t * p.map_st + j * p.map_sm]
@@ -86,6 +64,21 @@ std::vector<float> target_weights(const LabelMapParams& p) {
     w[t] = p.reduce == 1 ? 1.0f : (n > 0 ? 1.0f / static_cast<float>(n) : 0.0f);
   }
   return w;
+}
+
+// The mapping's entries in (t, j) order, read once: their sources (-1 where there is none, or out of range) and
+// weights (the target's, 0 for no source: such an entry's value, 0 or a finite transform of 0, adds +0.0 as the
+// reference's masked sum does). A pass over the whole mapping (CLIP's 32,157 entries took longer than a row's
+// gather), so the targets are split across the threads.
+void entry_table(const LabelMapParams& p, const std::vector<float>& w, std::int64_t* src, float* we) {
+#pragma omp parallel for schedule(static) num_threads(p.T * p.M >= (1 << 14) ? threads_of(p.threads) : 1)
+  for (std::int64_t t = 0; t < p.T; ++t)
+    for (std::int64_t j = 0; j < p.M; ++j) {
+      const std::int64_t k = map_at(p, t, j);
+      const bool none = k < 0 || k >= p.K;  // -1: no source; out of range: never read
+      src[t * p.M + j] = none ? -1 : k;
+      we[t * p.M + j] = none ? 0.0f : w[t];
+    }
 }
 
 inline float transform(int input, float v, float m, float ls) {
@@ -130,22 +123,10 @@ void index_fwd(const LabelMapParams& p) {
   void* out = reinterpret_cast<void*>(p.out);
   const std::vector<float> w = target_weights(p);
   const int odt = p.input == 0 ? DT : F32;
-  // The mapping's entries in (t, j) order, read once: their sources (-1 where there is none, or out of range) and
-  // weights (the target's, 0 for no source: such an entry's value, 0 or a finite transform of 0, adds +0.0 as
-  // the reference's masked sum does).
   const std::int64_t E = p.T * p.M;
   std::vector<std::int64_t>& src = scratch<std::int64_t, 0>(static_cast<std::size_t>(E));
   std::vector<float>& we = scratch<float, 1>(static_cast<std::size_t>(E));
-  // (a pass over the whole mapping: CLIP's 32,157 entries took longer than a row's gather, so the targets are
-  // split across the threads)
-#pragma omp parallel for schedule(static) num_threads(E >= (1 << 14) ? threads_of(p.threads) : 1)
-  for (std::int64_t t = 0; t < p.T; ++t)
-    for (std::int64_t j = 0; j < p.M; ++j) {
-      const std::int64_t k = map_at(p, t, j);
-      const bool none = k < 0 || k >= p.K;  // -1: no source; out of range: never read
-      src[t * p.M + j] = none ? -1 : k;
-      we[t * p.M + j] = none ? 0.0f : w[t];
-    }
+  entry_table(p, w, src.data(), we.data());
   // A 16-bit row is staged as float32 (one conversion sweep) when the softmax statistics read all of it, and any
   // row when the mapping gathers much of it in no order (CLIP's 81 templates x 397 classes of 32,157 columns): one
   // sequential sweep the prefetcher follows, then the gather from L1/L2 (gathering from memory took longer than
@@ -190,24 +171,17 @@ void index_fwd(const LabelMapParams& p) {
   }
 }
 
-// d x of the mapped columns in place of xs: c (logits), p (c - S) (probs) or c - p S (log_probs), p = softmax.
-RK_CLONES void sparse_grads(int input, float* xs, const float* cs, std::int64_t n, float m, float ls, float S) {
+// The backward of one row from c = d out / d f scattered onto the row (float32, K): logits: c itself; probs:
+// p (c - S); log_probs: c - p S, with p = softmax(x) from the saved (max, log-sum) and S as the caller's. In place.
+RK_CLONES void row_grads(int input, float* c, const float* xr, std::int64_t K, float m, float ls, float S) {
   if (input == 1) {
 #pragma omp simd
-    for (std::int64_t u = 0; u < n; ++u) xs[u] = fast_exp(xs[u] - m - ls) * (cs[u] - S);
+    for (std::int64_t k = 0; k < K; ++k) c[k] = fast_exp(xr[k] - m - ls) * (c[k] - S);
   } else if (input == 2) {
 #pragma omp simd
-    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u] - fast_exp(xs[u] - m - ls) * S;
-  } else {
-#pragma omp simd
-    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u];
+    for (std::int64_t k = 0; k < K; ++k) c[k] = c[k] - fast_exp(xr[k] - m - ls) * S;
   }
 }
-
-struct Entry {
-  std::int64_t col, tgt;
-  float w;
-};
 
 template <int DT>
 void index_bwd(const LabelMapParams& p) {
@@ -217,52 +191,28 @@ void index_bwd(const LabelMapParams& p) {
   const void* g = reinterpret_cast<const void*>(p.grad);
   void* dx = reinterpret_cast<void*>(p.dx);
   const std::vector<float> w = target_weights(p);
-  // The inverse table, sorted by source column; stable, so a column's contributions are added in (t, j) order:
-  // the reference's index_add_ order.
-  std::vector<Entry>& entries = scratch<Entry, 0>(static_cast<std::size_t>(p.T * p.M));
-  std::vector<float> tw(p.T, 0.0f);
-  std::size_t n_entries = 0;
-  for (std::int64_t t = 0; t < p.T; ++t)
-    for (std::int64_t j = 0; j < p.M; ++j) {
-      const std::int64_t k = map_at(p, t, j);
-      if (k >= 0 && k < p.K) {
-        entries[n_entries++] = {k, t, w[t]};
-        tw[t] += w[t];
-      }
-    }
-  entries.resize(n_entries);
-  const std::int64_t K = p.K;
-  if (static_cast<std::int64_t>(entries.size()) * 16 > K) {  // many entries: a counting sort, O(E + K), stable
-    std::vector<std::int64_t>& start = scratch<std::int64_t, 0>(static_cast<std::size_t>(K) + 1);
-    std::fill(start.begin(), start.end(), 0);
-    for (const Entry& e : entries) ++start[e.col + 1];
-    for (std::int64_t k = 0; k < K; ++k) start[k + 1] += start[k];
-    std::vector<Entry>& sorted = scratch<Entry, 1>(entries.size());
-    for (const Entry& e : entries) sorted[start[e.col]++] = e;
-    entries.swap(sorted);
-  } else {
-    std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.col < b.col; });
+  const std::int64_t E = p.T * p.M, K = p.K;
+  std::vector<std::int64_t>& src = scratch<std::int64_t, 0>(static_cast<std::size_t>(E));
+  std::vector<float>& we = scratch<float, 1>(static_cast<std::size_t>(E));
+  entry_table(p, w, src.data(), we.data());
+  std::vector<float> tw(p.T, 0.0f);  // sum of a target's entry weights (log_probs' S), in entry order
+  for (std::int64_t t = 0; t < p.T; ++t) {
+    float acc = 0.0f;  // (a local: through memory, each add waited for the previous store)
+    for (std::int64_t j = 0; j < p.M; ++j)
+      if (src[t * p.M + j] >= 0) acc += we[t * p.M + j];
+    tw[t] = acc;
   }
-  // the distinct columns and where each one's run of entries starts (runs[U] = the end)
-  std::vector<std::int64_t>& cols = scratch<std::int64_t, 1>(entries.size());
-  std::vector<std::int64_t>& runs = scratch<std::int64_t, 2>(entries.size() + 1);
-  std::int64_t U = 0;
-  for (std::size_t e = 0; e < entries.size(); ++e)
-    if (e == 0 || entries[e].col != entries[e - 1].col) {
-      cols[U] = entries[e].col;
-      runs[U++] = static_cast<std::int64_t>(e);
-    }
-  runs[U] = static_cast<std::int64_t>(entries.size());
   advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
+  // Each row's c = d out / d f is scattered entry by entry in (t, j) order onto a zeroed row, so a column's
+  // contributions add in the reference's index_add_ order (no inverse table: building and sorting one for CLIP's
+  // 32,157 entries cost more than the rows at small batches), then one vectorised sweep gives d x.
+  const bool in_place = DT == F32 && p.input == 0;  // float32 logits: c is d x, scattered onto the output row
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
-    std::vector<float>& gv = scratch<float, 4>(static_cast<std::size_t>(p.T));
-    std::vector<float>& cs = scratch<float, 5>(static_cast<std::size_t>(U));
-    std::vector<float>& xs = scratch<float, 6>(static_cast<std::size_t>(U));
-    // staged: see index_fwd; a float16 dx row of the logits input is zeros plus U mapped columns, written as
-    // float32 and converted once when U is a large part of the row
-    const bool staged = DT != F32 && (p.input != 0 || (DT == F16 && U * 4 >= K));
-    std::vector<float>& drow = scratch<float, 7>(staged ? static_cast<std::size_t>(K) : 0);
+    std::vector<float>& gv = scratch<float, 2>(static_cast<std::size_t>(p.T));
+    std::vector<float>& crow = scratch<float, 3>(in_place ? 0 : static_cast<std::size_t>(K));
+    std::vector<float>& xrow = scratch<float, 4>(
+        p.input != 0 && (DT != F32 || p.x_sk != 1) ? static_cast<std::size_t>(K) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb, obase = b * K;
@@ -273,26 +223,24 @@ void index_bwd(const LabelMapParams& p) {
         ls = lse[2 * b + 1];
         for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
       }
-      // the mapped columns: each column's run summed in entry order, then f's backward in one vectorisable sweep
-      if (staged && p.input != 0) row_to_float<DT>(x, base, p.x_sk, K, drow.data());
-      for (std::int64_t u = 0; u < U; ++u) {
-        float c = 0.0f;
-        for (std::int64_t e = runs[u]; e < runs[u + 1]; ++e) c += gv[entries[e].tgt] * entries[e].w;
-        cs[u] = c;
-        xs[u] = p.input == 0 ? 0.0f : staged ? drow[cols[u]] : load<DT>(x, base + cols[u] * p.x_sk);
+      float* c = in_place ? static_cast<float*>(dx) + obase : crow.data();
+      std::fill(c, c + K, 0.0f);
+      for (std::int64_t t = 0; t < p.T; ++t) {
+        const std::int64_t* st = src.data() + t * p.M;
+        const float* wt = we.data() + t * p.M;
+        for (std::int64_t j = 0; j < p.M; ++j)
+          if (st[j] >= 0) c[st[j]] += gv[t] * wt[j];
       }
-      sparse_grads(p.input, xs.data(), cs.data(), U, m, ls, S);
-      if (staged) {
-        if (p.input != 0)
-          softmax_row_inplace(drow.data(), K, m, ls, S);
-        else
-          std::fill(drow.begin(), drow.end(), 0.0f);
-        for (std::int64_t u = 0; u < U; ++u) drow[cols[u]] = xs[u];
-        row_from_float<DT>(drow.data(), K, dx, obase);
-      } else {
-        softmax_row<DT>(p.input == 0 ? nullptr : x, base, p.x_sk, K, m, ls, S, dx, obase);
-        for (std::int64_t u = 0; u < U; ++u) store<DT>(dx, obase + cols[u], xs[u]);
+      if (in_place) continue;
+      if (p.input != 0) {
+        const float* xr = static_cast<const float*>(x) + base;  // a contiguous float32 row, read in place
+        if (DT != F32 || p.x_sk != 1) {
+          row_to_float<DT>(x, base, p.x_sk, K, xrow.data());
+          xr = xrow.data();
+        }
+        row_grads(p.input, c, xr, K, m, ls, S);
       }
+      row_from_float<DT>(c, K, dx, obase);
     }
   }
 }
