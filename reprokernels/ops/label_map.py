@@ -130,9 +130,9 @@ def _check_mapping(mapping: torch.Tensor, k_src: int) -> tuple[torch.Tensor, boo
                         f"(K_src, K_tgt) matrix, got {mapping.dtype}")
     if mapping.dim() not in (1, 2):
         raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
+    lowest = check_index_range(mapping, -1, k_src - 1, "mapping", "source indices, or -1 for none")
+    gather = (mapping.dim() == 1 or mapping.shape[1] == 1) and lowest is not None and lowest >= 0
     m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
-    lowest = check_index_range(m2, -1, k_src - 1, "mapping", "source indices, or -1 for none")
-    gather = m2.shape[1] == 1 and lowest is not None and lowest >= 0
     return (m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)), gather
 
 
@@ -167,14 +167,13 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
         raise ValueError(f"logits: expected at least one source class (K_src >= 1), got shape {tuple(logits.shape)}")
     m2, gather = _check_mapping(mapping, k_src)
     check_same_device(("logits", logits), ("mapping", mapping))
-    lead = logits.shape[:-1]
-    flat = logits.reshape(-1, k_src)
+    flat = logits if logits.dim() == 2 else logits.reshape(-1, k_src)  # (a 2-D input: no view to make)
     if backend == "auto" and gather and input == "logits" and flat.device.type == "cpu" and plain_eager(flat, m2):
         # one real source per target, logits as they are (FLM / ILM-VP): the op is a column gather, and torch's
         # advanced indexing (backward: index_put_ with accumulate) is exactly the eager chain, without the op's
         # per-call cost (float64 logits included: the reference's result is the same gather)
         out = flat[:, mapping if mapping.dim() == 1 and mapping.dtype in KERNEL_INDEX_DTYPES else m2[:, 0]]
-        return out.reshape(*lead, out.shape[-1])
+        return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
     chosen = resolve_backend_for(OP, backend, logits.device, case=(
         f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
         f"mapping_dtype={m2.dtype}", f"input={input}"))
@@ -186,4 +185,4 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     else:
         out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
                               direct=direct_call(chosen, flat, m2))
-    return out.reshape(*lead, out.shape[-1])
+    return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
