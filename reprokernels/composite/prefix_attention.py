@@ -567,3 +567,41 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, k
     else:
         dpv = None
     return dq, dk, dv, dpk, dpv
+
+
+# --- small CPU problems: the concatenation the user's code makes, as plain autograd ------------------------------
+#
+# The plan above is one ATen flash call per causal chunk and per task run, an LSE merge and a hand-written backward:
+# about a hundred small ATen calls and their Python, 300 us before any arithmetic. Where the prefix copied to every
+# row is small, PEFT's own chain (expand, cat, one SDPA call, autograd's backward) is faster, so auto on CPU takes
+# it there (``ops/prefix_attention.py``: ``CONCAT_MAX_KEYS``); same math, same masks.
+CONCAT_MAX_KEYS = 1 << 20  # B * Hkv * (P + Lk) * d elements of the concatenated keys, at most
+
+
+def concat_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                task_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                kv_lengths: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    """(B, Hq, Lq, d) prefix attention as one ``F.scaled_dot_product_attention`` over ``cat([prefix, k])``.
+
+    q (B, Hq, Lq, d), k, v (B, Hkv, Lk, d), prefix_k/v (Hkv, P, d) or (T, Hkv, P, d) with task_ids (B,), all of
+    one dtype, P >= 1 (so every query sees a key and no row of the softmax is empty). Unseen keys (padding,
+    kv_lengths) are replaced by 0 before the product, so whatever they hold never reaches the output, and their
+    gradients are 0. Differentiable in every float input through autograd (the prefix's gradient summed over rows).
+    """
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    P = prefix_k.shape[-2]
+    valid = key_valid(B, Lk, key_padding_mask, kv_lengths, q.device)
+    k, v = zero_invalid(k, valid), zero_invalid(v, valid)
+    if prefix_k.dim() == 4:
+        rows = task_ids.long()
+        pk, pv = prefix_k[rows], prefix_v[rows]
+    else:
+        pk, pv = prefix_k.expand(B, Hkv, P, prefix_k.shape[-1]), prefix_v.expand(B, Hkv, P, prefix_v.shape[-1])
+    keys, values = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+    keep = sequence_keep(B, Lq, Lk, key_padding_mask, kv_lengths, causal, q.device)
+    mask = None
+    if keep is not None:  # prefix keys always seen
+        mask = torch.cat((torch.ones(B, Lq, P, dtype=torch.bool, device=q.device), keep), dim=2).unsqueeze(1)
+    return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                                            enable_gqa=Hq != Hkv)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from .._amp import no_autocast
-from .._apply import apply_function
+from .._apply import apply_function, plain_eager
 from .._backend import backend_status, default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -22,6 +22,7 @@ from .._validation import (
     check_tensor,
     resolve_backend_for,
 )
+from ..composite import prefix_attention as _composite
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
@@ -176,6 +177,22 @@ def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: 
     return t.contiguous()
 
 
+def _concat_serves(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths) -> bool:
+    """Whether auto runs a CPU call as concat + SDPA (``composite.concat_sdpa``): plain eager mode (no autocast:
+    it would lower the SDPA), every tensor float32 or every one float64, a prefix of P >= 1 keys, queries and keys
+    present, and the concatenated keys small (``CONCAT_MAX_KEYS``)."""
+    if prefix_k is None or q.device.type != "cpu":
+        return False
+    B, _, Lq, d = q.shape
+    P, Lk = prefix_k.shape[-2], k.shape[2]
+    if P == 0 or B == 0 or Lq == 0 or B * k.shape[1] * (P + Lk) * d > _composite.CONCAT_MAX_KEYS:
+        return False
+    if q.dtype not in (torch.float32, torch.float64) or not (
+            q.dtype == k.dtype == v.dtype == prefix_k.dtype == prefix_v.dtype):
+        return False
+    return plain_eager(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths)
+
+
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -291,6 +308,11 @@ def prefix_attention(
                              "(backend='composite' serves any d)")
     if chosen == "triton":
         check_float(q, "q", KERNEL_DTYPES)
+    if (chosen == "composite" and is_auto and not return_lse
+            and _concat_serves(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths)):
+        # a small CPU problem: PEFT's own concat + SDPA chain is faster than the composite plan's many calls
+        return _composite.concat_sdpa(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths,
+                                      bool(causal), scale)
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
     out, lse = apply_function(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
                               kv_lengths, bool(causal), scale, chosen)
