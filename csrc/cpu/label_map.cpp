@@ -106,14 +106,15 @@ RK_CLONES void transform_entries(int input, float* v, std::int64_t n, float m, f
   }
 }
 
-// val[e] = row[src[e]], 0 where src[e] < 0: a gather the avx512f / avx2 clones vectorise (the index is clamped to
-// 0 for the load, so no lane reads outside the row, and the select drops it).
-RK_CLONES void gather_entries(const float* row, const std::int64_t* src, std::int64_t E, float* val) {
+// val[e] = row[src[e]], 0 where src[e] is not in [0, K): a gather the avx512f / avx2 clones vectorise (the index
+// is clamped into the row for the load, so no lane reads outside it, and the select drops it).
+RK_CLONES void gather_entries(const float* row, std::int64_t K, const std::int64_t* src, std::int64_t E,
+                              float* val) {
 #pragma omp simd
   for (std::int64_t e = 0; e < E; ++e) {
-    const std::int64_t k = src[e] < 0 ? 0 : src[e];
-    const float v = row[k];
-    val[e] = src[e] < 0 ? 0.0f : v;
+    const bool none = src[e] < 0 || src[e] >= K;
+    const float v = row[none ? 0 : src[e]];
+    val[e] = none ? 0.0f : v;
   }
 }
 
@@ -124,9 +125,14 @@ void index_fwd(const LabelMapParams& p) {
   const std::vector<float> w = target_weights(p);
   const int odt = p.input == 0 ? DT : F32;
   const std::int64_t E = p.T * p.M;
-  std::vector<std::int64_t>& src = scratch<std::int64_t, 0>(static_cast<std::size_t>(E));
-  std::vector<float>& we = scratch<float, 1>(static_cast<std::size_t>(E));
-  entry_table(p, w, src.data(), we.data());
+  // The logits as they are, from a contiguous int64 mapping: the gather reads the mapping itself and an entry
+  // without a source gathers 0, so each target's sum times its weight is the entry-weighted sum bit for bit; a
+  // copy of the mapping was as much work as a row's gather at small batches. Else the entry table.
+  const bool map_direct = p.input == 0 && p.map_dtype == 0 && p.map_sm == 1 && p.map_st == p.M;
+  std::vector<std::int64_t>& src = scratch<std::int64_t, 0>(map_direct ? 0 : static_cast<std::size_t>(E));
+  std::vector<float>& we = scratch<float, 1>(map_direct ? 0 : static_cast<std::size_t>(E));
+  if (!map_direct) entry_table(p, w, src.data(), we.data());
+  const std::int64_t* srcp = map_direct ? reinterpret_cast<const std::int64_t*>(p.mapping) : src.data();
   // A 16-bit row is staged as float32 (one conversion sweep) when the softmax statistics read all of it, and any
   // row when the mapping gathers much of it in no order (CLIP's 81 templates x 397 classes of 32,157 columns): one
   // sequential sweep the prefetcher follows, then the gather from L1/L2 (gathering from memory took longer than
@@ -153,18 +159,25 @@ void index_fwd(const LabelMapParams& p) {
       // gather the mapped logits, then transform them in one vectorisable sweep (a scalar exp per entry cost
       // ~17 ns: BAR's 1000 entries per row took longer than eager's whole softmax)
       if (staged || direct)
-        gather_entries(staged ? xrow.data() : static_cast<const float*>(x) + base, src.data(), E, val.data());
+        gather_entries(staged ? xrow.data() : static_cast<const float*>(x) + base, p.K, srcp, E, val.data());
       else
-        for (std::int64_t e = 0; e < E; ++e) val[e] = src[e] < 0 ? 0.0f : load<DT>(x, base + src[e] * p.x_sk);
+        for (std::int64_t e = 0; e < E; ++e)
+          val[e] = srcp[e] < 0 || srcp[e] >= p.K ? 0.0f : load<DT>(x, base + srcp[e] * p.x_sk);
       transform_entries(p.input, val.data(), E, m, ls);
       for (std::int64_t t = 0; t < p.T; ++t) {
         const float* v = val.data() + t * p.M;
-        const float* wt = we.data() + t * p.M;
         // lanes of partial sums (a fixed order for a given M, whatever the thread count): one dependent add
         // per entry made CLIP's 81-entry targets latency-bound
         float acc = 0.0f;
+        if (map_direct) {
+          const float wt = w[t];
 #pragma omp simd reduction(+ : acc)
-        for (std::int64_t j = 0; j < p.M; ++j) acc += v[j] * wt[j];
+          for (std::int64_t j = 0; j < p.M; ++j) acc += v[j] * wt;
+        } else {
+          const float* wt = we.data() + t * p.M;
+#pragma omp simd reduction(+ : acc)
+          for (std::int64_t j = 0; j < p.M; ++j) acc += v[j] * wt[j];
+        }
         store_any(odt, out, b * p.T + t, acc);
       }
     }
