@@ -51,11 +51,11 @@ def unavailable_reason() -> str:
 
 
 def extension() -> ModuleType:
-    from ._backend import BackendUnavailableError
-
-    mod, why = _load()
+    mod = _load()[0]
     if mod is None:
-        raise BackendUnavailableError(why)
+        from ._backend import BackendUnavailableError  # (here: _backend imports this module)
+
+        raise BackendUnavailableError(_load()[1])
     return mod
 
 
@@ -79,7 +79,7 @@ class Params:
 
 def run(name: str, params: Params) -> None:
     """Run kernel ``name``; a refusal (code 1) becomes CpuKernelError naming it."""
-    params.threads = threads()  # type: ignore[attr-defined]
+    params.threads = torch.get_num_threads() or 1  # type: ignore[attr-defined]
     code = getattr(extension(), name)(params.__dict__)
     if code != 0:
         raise CpuKernelError(f"reprokernels CPU kernel '{name}' refused its parameters (code {code})")
