@@ -24,6 +24,7 @@ import importlib
 from types import ModuleType
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 
 def apply_function(fn: type[torch.autograd.Function], *args: object) -> object:
@@ -50,8 +51,10 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
 
 def direct_call(backend: str, *tensors: torch.Tensor | None) -> bool:
     """Whether the Function may skip the registered op (see the module docstring); ``tensors``: the op's inputs."""
-    # (plain_eager first: it is False while torch.compile traces, which cannot trace the profiler query)
-    return backend == "cpu" and plain_eager(*tensors, autocast_free=True) and not torch.autograd._profiler_enabled()
+    # (plain_eager first: it is False while torch.compile traces, which cannot trace the profiler query; inside a
+    # forward-AD dual level the Function must run, to refuse dual inputs it has no jvp for)
+    return (backend == "cpu" and plain_eager(*tensors, autocast_free=True) and not torch.autograd._profiler_enabled()
+            and _forward_ad._current_level < 0)
 
 
 _modules: dict[str, ModuleType] = {}

@@ -33,7 +33,9 @@ AUTO_ROUTES = {
         "CUDA: cuda for decode (Lq <= 16, no gradients, d <= 512) with at most 16 queries per prefix kv head "
         "(B * Hq / Hkv * Lq) or no prefix -- CUDA-core kernels, memory-bound there; triton for training, prefill "
         "and larger decode batches (the shared prefix as a tensor-core GEMM); composite for head dims triton "
-        "lacks. CPU: composite"),
+        "lacks. CPU: composite; in eager mode, a float32 (or float64) call with a prefix whose concatenated keys "
+        "are small (B * Hkv * (P + Lk) * d <= 2**20) and no return_lse runs as concat + SDPA (PEFT's chain, "
+        "unseen keys zeroed), where the composite plan's many small calls cost more than the math"),
     "merge_attention_states": "CUDA: cuda when no input needs a gradient and none is float64, else reference. "
                               "CPU: reference",
     "label_map": (
@@ -41,6 +43,10 @@ AUTO_ROUTES = {
         "eager chain); index maps otherwise: cpu; dense maps: the reference as plain PyTorch (a BLAS GEMM). "
         "Compiled or traced: the registered op (cpu for index maps, reference for dense)"),
     "visual_prompt": "CPU: cpu unless resize is asked (the reference, as plain PyTorch in eager mode)",
+    "cpu backend, eager mode": (
+        "the autograd Functions call the cpu launchers directly (not the registered ops), and a call that needs "
+        "no gradient runs the launcher alone; under the profiler, torch.compile, functorch or a dispatch mode "
+        "the registered ops run, so profiles and traces name them"),
 }
 
 

@@ -159,3 +159,14 @@ def test_kernel_prompt_rounding_goes_through_backend_module(monkeypatch):
     monkeypatch.setattr(sp_ops, "backend_module", spy)
     rk.soft_prompt_concat(torch.randn(2, 4), inputs_embeds=torch.randn(1, 3, 4), backend="cpu")
     assert seen == ["cpu"]
+
+
+def test_forward_ad_is_refused_not_dropped():
+    """Inside a forward-AD dual level the Function runs (it has no jvp and says so): a tangent is never lost."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = torch.randn(4, 7), torch.randn(4, 7)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        with pytest.raises(RuntimeError):
+            rk.label_map(dual, torch.tensor([[1, 2]]), input="log_probs", backend="cpu")

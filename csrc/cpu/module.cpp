@@ -19,96 +19,57 @@ using namespace rkcpu;
 
 namespace {
 
+// The field table of each params struct (every field of its declaration in kernels.h, by name).
+#define F(name) RK_FIELD(S, name)
 const FieldTable& fields(const LabelMapParams*) {
+  using S = LabelMapParams;
   static const FieldTable t{
-      RK_FIELD(LabelMapParams, x), RK_FIELD(LabelMapParams, mapping), RK_FIELD(LabelMapParams, w),
-      RK_FIELD(LabelMapParams, out), RK_FIELD(LabelMapParams, lse), RK_FIELD(LabelMapParams, grad),
-      RK_FIELD(LabelMapParams, dx), RK_FIELD(LabelMapParams, dw), RK_FIELD(LabelMapParams, B),
-      RK_FIELD(LabelMapParams, K), RK_FIELD(LabelMapParams, T), RK_FIELD(LabelMapParams, M),
-      RK_FIELD(LabelMapParams, x_sb), RK_FIELD(LabelMapParams, x_sk), RK_FIELD(LabelMapParams, map_st),
-      RK_FIELD(LabelMapParams, map_sm), RK_FIELD(LabelMapParams, w_sk), RK_FIELD(LabelMapParams, w_st),
-      RK_FIELD(LabelMapParams, grad_sb), RK_FIELD(LabelMapParams, grad_st), RK_FIELD(LabelMapParams, x_dtype),
-      RK_FIELD(LabelMapParams, out_dtype), RK_FIELD(LabelMapParams, grad_dtype),
-      RK_FIELD(LabelMapParams, dw_dtype), RK_FIELD(LabelMapParams, map_dtype), RK_FIELD(LabelMapParams, input),
-      RK_FIELD(LabelMapParams, reduce), RK_FIELD(LabelMapParams, threads)};
+      F(x), F(mapping), F(w), F(out), F(lse), F(grad), F(dx), F(dw), F(B), F(K), F(T), F(M), F(x_sb), F(x_sk),
+      F(map_st), F(map_sm), F(w_sk), F(w_st), F(grad_sb), F(grad_st), F(x_dtype), F(out_dtype), F(grad_dtype),
+      F(dw_dtype), F(map_dtype), F(input), F(reduce), F(threads)};
   return t;
 }
 
 const FieldTable& fields(const SoftPromptParams*) {
+  using S = SoftPromptParams;
   static const FieldTable t{
-      RK_FIELD(SoftPromptParams, prompt), RK_FIELD(SoftPromptParams, ids), RK_FIELD(SoftPromptParams, tokens),
-      RK_FIELD(SoftPromptParams, task), RK_FIELD(SoftPromptParams, insert), RK_FIELD(SoftPromptParams, out),
-      RK_FIELD(SoftPromptParams, grad), RK_FIELD(SoftPromptParams, dprompt), RK_FIELD(SoftPromptParams, dembeds),
-      RK_FIELD(SoftPromptParams, B), RK_FIELD(SoftPromptParams, L), RK_FIELD(SoftPromptParams, P),
-      RK_FIELD(SoftPromptParams, D), RK_FIELD(SoftPromptParams, T), RK_FIELD(SoftPromptParams, V),
-      RK_FIELD(SoftPromptParams, prompt_st), RK_FIELD(SoftPromptParams, prompt_sp),
-      RK_FIELD(SoftPromptParams, prompt_sd), RK_FIELD(SoftPromptParams, ids_sb),
-      RK_FIELD(SoftPromptParams, ids_sl), RK_FIELD(SoftPromptParams, tok_sv), RK_FIELD(SoftPromptParams, tok_sb),
-      RK_FIELD(SoftPromptParams, tok_sl), RK_FIELD(SoftPromptParams, tok_sd), RK_FIELD(SoftPromptParams, task_s),
-      RK_FIELD(SoftPromptParams, insert_s), RK_FIELD(SoftPromptParams, grad_sb),
-      RK_FIELD(SoftPromptParams, grad_sj), RK_FIELD(SoftPromptParams, grad_sd),
-      RK_FIELD(SoftPromptParams, prompt_dtype), RK_FIELD(SoftPromptParams, tok_dtype),
-      RK_FIELD(SoftPromptParams, grad_dtype), RK_FIELD(SoftPromptParams, ids_dtype),
-      RK_FIELD(SoftPromptParams, task_dtype), RK_FIELD(SoftPromptParams, insert_dtype),
-      RK_FIELD(SoftPromptParams, from_ids), RK_FIELD(SoftPromptParams, embed_scale),
-      RK_FIELD(SoftPromptParams, threads)};
+      F(prompt), F(ids), F(tokens), F(task), F(insert), F(out), F(grad), F(dprompt), F(dembeds), F(B), F(L), F(P),
+      F(D), F(T), F(V), F(prompt_st), F(prompt_sp), F(prompt_sd), F(ids_sb), F(ids_sl), F(tok_sv), F(tok_sb),
+      F(tok_sl), F(tok_sd), F(task_s), F(insert_s), F(grad_sb), F(grad_sj), F(grad_sd), F(prompt_dtype),
+      F(tok_dtype), F(grad_dtype), F(ids_dtype), F(task_dtype), F(insert_dtype), F(from_ids), F(embed_scale),
+      F(threads)};
   return t;
 }
 
 const FieldTable& fields(const PromptLayoutParams*) {
+  using S = PromptLayoutParams;
   static const FieldTable t{
-      RK_FIELD(PromptLayoutParams, mask), RK_FIELD(PromptLayoutParams, labels), RK_FIELD(PromptLayoutParams, insert),
-      RK_FIELD(PromptLayoutParams, mask_out), RK_FIELD(PromptLayoutParams, labels_out),
-      RK_FIELD(PromptLayoutParams, position_ids), RK_FIELD(PromptLayoutParams, B), RK_FIELD(PromptLayoutParams, L),
-      RK_FIELD(PromptLayoutParams, P), RK_FIELD(PromptLayoutParams, mask_sb), RK_FIELD(PromptLayoutParams, mask_sl),
-      RK_FIELD(PromptLayoutParams, labels_sb), RK_FIELD(PromptLayoutParams, labels_sl),
-      RK_FIELD(PromptLayoutParams, insert_s), RK_FIELD(PromptLayoutParams, mask_dtype),
-      RK_FIELD(PromptLayoutParams, labels_dtype), RK_FIELD(PromptLayoutParams, insert_dtype),
-      RK_FIELD(PromptLayoutParams, with_mask), RK_FIELD(PromptLayoutParams, with_labels),
-      RK_FIELD(PromptLayoutParams, threads)};
+      F(mask), F(labels), F(insert), F(mask_out), F(labels_out), F(position_ids), F(B), F(L), F(P), F(mask_sb),
+      F(mask_sl), F(labels_sb), F(labels_sl), F(insert_s), F(mask_dtype), F(labels_dtype), F(insert_dtype),
+      F(with_mask), F(with_labels), F(threads)};
   return t;
 }
 
 const FieldTable& fields(const VisualPromptParams*) {
+  using S = VisualPromptParams;
   static const FieldTable t{
-      RK_FIELD(VisualPromptParams, x), RK_FIELD(VisualPromptParams, delta), RK_FIELD(VisualPromptParams, mask),
-      RK_FIELD(VisualPromptParams, mean), RK_FIELD(VisualPromptParams, stdev), RK_FIELD(VisualPromptParams, out),
-      RK_FIELD(VisualPromptParams, grad), RK_FIELD(VisualPromptParams, dx), RK_FIELD(VisualPromptParams, ddelta),
-      RK_FIELD(VisualPromptParams, dmask), RK_FIELD(VisualPromptParams, B), RK_FIELD(VisualPromptParams, C),
-      RK_FIELD(VisualPromptParams, h), RK_FIELD(VisualPromptParams, w), RK_FIELD(VisualPromptParams, H),
-      RK_FIELD(VisualPromptParams, W), RK_FIELD(VisualPromptParams, top), RK_FIELD(VisualPromptParams, left),
-      RK_FIELD(VisualPromptParams, rect_top), RK_FIELD(VisualPromptParams, rect_left),
-      RK_FIELD(VisualPromptParams, rect_h), RK_FIELD(VisualPromptParams, rect_w), RK_FIELD(VisualPromptParams, Bm),
-      RK_FIELD(VisualPromptParams, Cm), RK_FIELD(VisualPromptParams, Hm), RK_FIELD(VisualPromptParams, Wm),
-      RK_FIELD(VisualPromptParams, x_sb), RK_FIELD(VisualPromptParams, x_sc), RK_FIELD(VisualPromptParams, x_sh),
-      RK_FIELD(VisualPromptParams, x_sw), RK_FIELD(VisualPromptParams, delta_sb),
-      RK_FIELD(VisualPromptParams, delta_sc), RK_FIELD(VisualPromptParams, delta_sh),
-      RK_FIELD(VisualPromptParams, delta_sw), RK_FIELD(VisualPromptParams, mask_sb),
-      RK_FIELD(VisualPromptParams, mask_sc), RK_FIELD(VisualPromptParams, mask_sh),
-      RK_FIELD(VisualPromptParams, mask_sw), RK_FIELD(VisualPromptParams, grad_sb),
-      RK_FIELD(VisualPromptParams, grad_sc), RK_FIELD(VisualPromptParams, grad_sh),
-      RK_FIELD(VisualPromptParams, grad_sw), RK_FIELD(VisualPromptParams, x_dtype),
-      RK_FIELD(VisualPromptParams, delta_dtype), RK_FIELD(VisualPromptParams, invert),
-      RK_FIELD(VisualPromptParams, squash), RK_FIELD(VisualPromptParams, order),
-      RK_FIELD(VisualPromptParams, has_clamp), RK_FIELD(VisualPromptParams, delta_per_sample),
-      RK_FIELD(VisualPromptParams, fill), RK_FIELD(VisualPromptParams, clamp_lo),
-      RK_FIELD(VisualPromptParams, clamp_hi), RK_FIELD(VisualPromptParams, threads)};
+      F(x), F(delta), F(mask), F(mean), F(stdev), F(out), F(grad), F(dx), F(ddelta), F(dmask), F(B), F(C), F(h),
+      F(w), F(H), F(W), F(top), F(left), F(rect_top), F(rect_left), F(rect_h), F(rect_w), F(Bm), F(Cm), F(Hm), F(Wm),
+      F(x_sb), F(x_sc), F(x_sh), F(x_sw), F(delta_sb), F(delta_sc), F(delta_sh), F(delta_sw), F(mask_sb), F(mask_sc),
+      F(mask_sh), F(mask_sw), F(grad_sb), F(grad_sc), F(grad_sh), F(grad_sw), F(x_dtype), F(delta_dtype), F(invert),
+      F(squash), F(order), F(has_clamp), F(delta_per_sample), F(fill), F(clamp_lo), F(clamp_hi), F(threads)};
   return t;
 }
 
 const FieldTable& fields(const LabelHistogramParams*) {
+  using S = LabelHistogramParams;
   static const FieldTable t{
-      RK_FIELD(LabelHistogramParams, x), RK_FIELD(LabelHistogramParams, targets),
-      RK_FIELD(LabelHistogramParams, out), RK_FIELD(LabelHistogramParams, B), RK_FIELD(LabelHistogramParams, K),
-      RK_FIELD(LabelHistogramParams, T), RK_FIELD(LabelHistogramParams, topk),
-      RK_FIELD(LabelHistogramParams, x_sb), RK_FIELD(LabelHistogramParams, x_sk),
-      RK_FIELD(LabelHistogramParams, t_s), RK_FIELD(LabelHistogramParams, out_sk),
-      RK_FIELD(LabelHistogramParams, out_st), RK_FIELD(LabelHistogramParams, x_dtype),
-      RK_FIELD(LabelHistogramParams, preds), RK_FIELD(LabelHistogramParams, pred_dtype),
-      RK_FIELD(LabelHistogramParams, target_dtype), RK_FIELD(LabelHistogramParams, weight),
-      RK_FIELD(LabelHistogramParams, threads)};
+      F(x), F(targets), F(out), F(B), F(K), F(T), F(topk), F(x_sb), F(x_sk), F(t_s), F(out_sk), F(out_st),
+      F(x_dtype), F(preds), F(pred_dtype), F(target_dtype), F(weight), F(threads)};
   return t;
 }
+
+#undef F
 
 // A kernel entry as a Python function of one dict: parse with the GIL held, run without it.
 template <class S, int (*Kernel)(const S&)>

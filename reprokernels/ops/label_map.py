@@ -180,8 +180,8 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
     if chosen == "reference" and backend == "auto" and plain_eager(flat, m2):
-        with no_autocast(flat.device):  # auto's reference as plain autograd (see plain_eager): eager's cost
-            out = label_map_values(flat, m2, reduce, input)
+        # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
+        out = label_map_values(flat, m2, reduce, input)
     else:
         out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
                               direct=direct_call(chosen, flat, m2))

@@ -229,7 +229,8 @@ def prefix_attention(
         scale: the score multiplier, default 1 / sqrt(d).
         return_lse: also return the (B, Hq, Lq) LSE (natural log; float32, float64 for float64 q; -inf for a
             query that sees no key, whose output is 0). The LSE carries no gradient.
-        backend: "auto" | "reference" | "composite" | "triton" | "cuda". auto: composite on CPU; on CUDA the
+        backend: "auto" | "reference" | "composite" | "triton" | "cuda". auto: composite on CPU (a small eager
+            float32/float64 call with a prefix and no return_lse: concat + SDPA, see docs/cpu-backend.md); on CUDA the
             CUDA decode kernels for a decode call (Lq <= 16, no gradients, d <= 512) where at most 16 queries read
             each prefix kv head (B * Hq / Hkv * Lq) or there is no prefix, else triton, or composite for a head dim
             outside {32, 64, 80, 96, 128, 256}. "cuda" is forward-only: it refuses calls that need gradients,

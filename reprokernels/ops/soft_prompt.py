@@ -243,7 +243,8 @@ def soft_prompt_concat(
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
                             f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")
     assert tokens_dtype in FLOAT_DTYPES
-    direct = direct_call(chosen, prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at)
+    direct = direct_call(chosen, prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
+                         attention_mask, labels)
     embeds = run_function(SoftPromptConcatFunction, _fwd, prompt, input_ids, inputs_embeds, embedding_weight,
                           task_ids, insert_at, scale, chosen, direct=direct)
     mask_out = labels_out = position_ids = None
