@@ -184,15 +184,38 @@ void index_fwd(const LabelMapParams& p) {
   }
 }
 
-// The backward of one row from c = d out / d f scattered onto the row (float32, K): logits: c itself; probs:
-// p (c - S); log_probs: c - p S, with p = softmax(x) from the saved (max, log-sum) and S as the caller's. In place.
-RK_CLONES void row_grads(int input, float* c, const float* xr, std::int64_t K, float m, float ls, float S) {
+// d x of n values from x (the row's logits) and c (d out / d f at them): probs: p (c - S); log_probs: c - p S, with
+// p = softmax(x) from the saved (max, log-sum) and S as the caller's. Into xs.
+RK_CLONES void softmax_grads(int input, float* xs, const float* cs, std::int64_t n, float m, float ls, float S) {
+  if (input == 1) {
+#pragma omp simd
+    for (std::int64_t u = 0; u < n; ++u) xs[u] = fast_exp(xs[u] - m - ls) * (cs[u] - S);
+  } else {
+#pragma omp simd
+    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u] - fast_exp(xs[u] - m - ls) * S;
+  }
+}
+
+// The same for a whole row in place of c: c[k] <- d x[k] (c = 0 at the columns no target reads).
+RK_CLONES void softmax_grads_row(int input, float* c, const float* xr, std::int64_t K, float m, float ls, float S) {
   if (input == 1) {
 #pragma omp simd
     for (std::int64_t k = 0; k < K; ++k) c[k] = fast_exp(xr[k] - m - ls) * (c[k] - S);
-  } else if (input == 2) {
+  } else {
 #pragma omp simd
     for (std::int64_t k = 0; k < K; ++k) c[k] = c[k] - fast_exp(xr[k] - m - ls) * S;
+  }
+}
+
+// d x of a whole row where c = 0 (every column no target reads): probs p (0 - S), log_probs 0 - p S. Into d.
+RK_CLONES void softmax_grads_unmapped(int input, const float* xr, float* d, std::int64_t K, float m, float ls,
+                                      float S) {
+  if (input == 1) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) d[k] = fast_exp(xr[k] - m - ls) * (0.0f - S);
+  } else {
+#pragma omp simd
+    for (std::int64_t k = 0; k < K; ++k) d[k] = 0.0f - fast_exp(xr[k] - m - ls) * S;
   }
 }
 
@@ -219,41 +242,72 @@ void index_bwd(const LabelMapParams& p) {
   // Each row's c = d out / d f is scattered entry by entry in (t, j) order onto a zeroed row, so a column's
   // contributions add in the reference's index_add_ order (no inverse table: building and sorting one for CLIP's
   // 32,157 entries cost more than the rows at small batches), then one vectorised sweep gives d x.
-  const bool in_place = DT == F32 && p.input == 0;  // float32 logits: c is d x, scattered onto the output row
+  // Logits: d x = c, scattered onto a zeroed row (the float32 output row itself). Softmax inputs with a sparse
+  // mapping (E * 8 < K: a verbalizer's 40 entries in a 128,256-token vocabulary): c lives only at the mapped
+  // columns (reset, then scattered, in a K-sized buffer nobody zeroes), the row's one dense sweep writes every
+  // column's d x as if unmapped, and the mapped columns are then recomputed with their c (a repeated column gets the
+  // same value each time): one pass over the row. A dense mapping (BAR's 1,000 entries in 1,000 columns): c
+  // scattered onto a zeroed row and the sweep applied to it, cheaper than compacting the entries. The same values.
+  const bool in_place = DT == F32 && p.input == 0;
+  const bool sparse = E * 8 < K;
+  const bool out_f32 = DT == F32;  // d x written straight into the output row; 16-bit: through a float32 row
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
     std::vector<float>& gv = scratch<float, 2>(static_cast<std::size_t>(p.T));
     std::vector<float>& crow = scratch<float, 3>(in_place ? 0 : static_cast<std::size_t>(K));
     std::vector<float>& xrow = scratch<float, 4>(
         p.input != 0 && (DT != F32 || p.x_sk != 1) ? static_cast<std::size_t>(K) : 0);
+    std::vector<float>& drow = scratch<float, 5>(p.input != 0 && !out_f32 ? static_cast<std::size_t>(K) : 0);
+    std::vector<float>& xs = scratch<float, 6>(p.input != 0 ? static_cast<std::size_t>(E) : 0);
+    std::vector<float>& cs = scratch<float, 7>(p.input != 0 ? static_cast<std::size_t>(E) : 0);
+    std::vector<std::int64_t>& ks = scratch<std::int64_t, 8>(p.input != 0 ? static_cast<std::size_t>(E) : 0);
 #pragma omp for schedule(static)
     for (std::int64_t b = 0; b < p.B; ++b) {
       const std::int64_t base = b * p.x_sb, obase = b * K;
       for (std::int64_t t = 0; t < p.T; ++t) gv[t] = load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st);
-      float m = 0.0f, ls = 0.0f, S = 0.0f;
-      if (p.input != 0) {
-        m = lse[2 * b];
-        ls = lse[2 * b + 1];
-        for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
-      }
       float* c = in_place ? static_cast<float*>(dx) + obase : crow.data();
-      std::fill(c, c + K, 0.0f);
-      for (std::int64_t t = 0; t < p.T; ++t) {
-        const std::int64_t* st = src.data() + t * p.M;
-        const float* wt = we.data() + t * p.M;
+      if (p.input == 0) {
+        std::fill(c, c + K, 0.0f);
+        for (std::int64_t t = 0; t < p.T; ++t)
+          for (std::int64_t j = 0; j < p.M; ++j)
+            if (src[t * p.M + j] >= 0) c[src[t * p.M + j]] += gv[t] * we[t * p.M + j];
+        if (!in_place) row_from_float<DT>(c, K, dx, obase);
+        continue;
+      }
+      const float m = lse[2 * b], ls = lse[2 * b + 1];
+      float S = 0.0f;
+      for (std::int64_t t = 0; t < p.T; ++t) S += gv[t] * (p.input == 1 ? saved[b * p.T + t] : tw[t]);
+      if (sparse) {
+        for (std::int64_t e = 0; e < E; ++e)
+          if (src[e] >= 0) c[src[e]] = 0.0f;
+      } else {
+        std::fill(c, c + K, 0.0f);
+      }
+      for (std::int64_t t = 0; t < p.T; ++t)  // (t, j) order: the reference's index_add_ order per column
         for (std::int64_t j = 0; j < p.M; ++j)
-          if (st[j] >= 0) c[st[j]] += gv[t] * wt[j];
+          if (src[t * p.M + j] >= 0) c[src[t * p.M + j]] += gv[t] * we[t * p.M + j];
+      const float* xr = static_cast<const float*>(x) + base;  // a contiguous float32 row, read in place
+      if (DT != F32 || p.x_sk != 1) {
+        row_to_float<DT>(x, base, p.x_sk, K, xrow.data());
+        xr = xrow.data();
       }
-      if (in_place) continue;
-      if (p.input != 0) {
-        const float* xr = static_cast<const float*>(x) + base;  // a contiguous float32 row, read in place
-        if (DT != F32 || p.x_sk != 1) {
-          row_to_float<DT>(x, base, p.x_sk, K, xrow.data());
-          xr = xrow.data();
+      if (!sparse) {
+        softmax_grads_row(p.input, c, xr, K, m, ls, S);
+        row_from_float<DT>(c, K, dx, obase);
+        continue;
+      }
+      float* d = out_f32 ? static_cast<float*>(dx) + obase : drow.data();
+      softmax_grads_unmapped(p.input, xr, d, K, m, ls, S);
+      std::int64_t n = 0;
+      for (std::int64_t e = 0; e < E; ++e)
+        if (src[e] >= 0) {
+          ks[n] = src[e];
+          xs[n] = xr[src[e]];
+          cs[n++] = c[src[e]];
         }
-        row_grads(p.input, c, xr, K, m, ls, S);
-      }
-      row_from_float<DT>(c, K, dx, obase);
+      softmax_grads(p.input, xs.data(), cs.data(), n, m, ls, S);
+      for (std::int64_t u = 0; u < n; ++u) d[ks[u]] = xs[u];
+      if (!out_f32) row_from_float<DT>(d, K, dx, obase);
     }
   }
 }
