@@ -60,7 +60,8 @@ def _compare(fn, params, dtype, scale=1.0, names=()):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("input", ["logits", "probs", "log_probs"])
-@pytest.mark.parametrize("kind", ["one", "many_mean", "many_sum", "dense"])
+# (many_sparse: 6 entries in 53 columns, E * 8 < K, the backward's sparse path with -1 entries and a repeat)
+@pytest.mark.parametrize("kind", ["one", "many_mean", "many_sum", "many_sparse", "dense"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_label_map_matches_reference(dtype, input, kind, layout):
     g = torch.Generator().manual_seed(hash((str(dtype), input, kind, layout)) % 1000)
@@ -70,6 +71,10 @@ def test_label_map_matches_reference(dtype, input, kind, layout):
         mapping, reduce = torch.randint(0, K, (5,), generator=g), "mean"
     elif kind == "dense":
         mapping, reduce = torch.rand(K, 4, generator=g).requires_grad_(), "mean"
+    elif kind == "many_sparse":
+        mapping, reduce = torch.randint(0, K, (2, 3), generator=g), "mean"
+        mapping[0, 1] = -1
+        mapping[1, 2] = mapping[1, 0]  # a repeated entry
     else:
         mapping = torch.randint(-1, K, (6, 3), generator=g)
         mapping[2] = -1
