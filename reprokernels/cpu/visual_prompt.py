@@ -36,8 +36,8 @@ def supports(case: tuple) -> str:
     32 -> 224 sigmoid and SMM per-sample 3x28x28 masks; float32 / float16 / bfloat16; fwd and fwd+bwd; interleaved
     medians) faster than the eager chain on every point (1.4-20x) and than torch.compile of it on all but these,
     where it ties or trails: expansive float32 fwd+bwd at B8 (1.0x on 1 thread), per-sample deltas at B8 (a tie),
-    and B1, where the op's fixed per-call cost (~0.1 ms of Python and dispatch) leaves it 1.2-1.5x behind both
-    eager and compile (auto cannot route by size: case carries none). Not implemented: resize.
+    and B1, where the op's fixed per-call cost leaves it behind both eager and compile (auto cannot route by size:
+    case carries none). Not implemented: resize.
     """
     d = case_dict(case)
     if d.get("resize", "none") != "none":
