@@ -13,9 +13,27 @@
 namespace rkcpu {
 namespace {
 
+// A contiguous float32 row rounded into a 16-bit one (a float32 prompt beside a 16-bit table): the clones vectorise
+// the rounding (float16: the CPU's conversion instructions); the baseline build's scalar loop was 0.7 ns an element.
+template <int DST>
+RK_CLONES void f32_row_to(const float* src, void* dst, std::int64_t obase, std::int64_t D) {
+  if (DST == F16) {
+    float_row_to_f16(src, static_cast<std::uint16_t*>(dst) + obase, D);
+    return;
+  }
+#pragma omp simd
+  for (std::int64_t d = 0; d < D; ++d) store<DST>(dst, obase + d, src[d]);
+}
+
 template <int SRC, int DST>
 inline void copy_row(const void* src, std::int64_t base, std::int64_t sd, void* dst, std::int64_t obase,
                      std::int64_t D, float scale, bool scaled) {
+  if constexpr (SRC == F32 && DST != F32) {
+    if (sd == 1 && !scaled) {
+      f32_row_to<DST>(static_cast<const float*>(src) + base, dst, obase, D);
+      return;
+    }
+  }
   if (sd == 1) {
     if (scaled) {
 #pragma omp simd
