@@ -57,6 +57,12 @@ def direct_call(backend: str, *tensors: torch.Tensor | None) -> bool:
             and _forward_ad._current_level < 0)
 
 
+def op_outputs(like: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:
+    """A registered op's gradient outputs: its schema has no optional outputs, so a gradient that is not needed is
+    an empty tensor like ``like`` (a fresh one each: outputs must not alias)."""
+    return tuple(like.new_empty((0,)) if t is None else t for t in tensors)
+
+
 _modules: dict[str, ModuleType] = {}
 
 

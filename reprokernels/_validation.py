@@ -157,26 +157,15 @@ def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = 
     """
     if t.numel() == 0 or _values_unreadable(t):
         return None
-    if t.device.type == "cpu" and _eager is None:  # the default on CPU tensors, read in place (the hot path)
-        found = _cpu.index_range(t)
-        if found is not None:
-            if found[0] < lo or found[1] > hi:
-                _range_error(found[0], found[1], lo, hi, name, what)
-            return found[0]
-    if checks_are_eager(t.device):
-        lo_v, hi_v = value_range(t)
-        if lo_v < lo or hi_v > hi:
-            _range_error(lo_v, hi_v, lo, hi, name, what)
-        return lo_v
     why = f" ({what})" if what else ""
+    if checks_are_eager(t.device):
+        lo_v, hi_v = value_range(t)  # (CPU tensors: read in place by the CPU module)
+        if lo_v < lo or hi_v > hi:
+            raise ValueError(f"{name}: expected values in [{lo}, {hi}]{why}, got {lo_v if lo_v < lo else hi_v}")
+        return lo_v
     ok = (t.min() >= lo) & (t.max() <= hi)
     torch._assert_async(ok, f"{name}: expected values in [{lo}, {hi}]{why}")
     return None
-
-
-def _range_error(lo_v: int, hi_v: int, lo: int, hi: int, name: str, what: str) -> None:
-    why = f" ({what})" if what else ""
-    raise ValueError(f"{name}: expected values in [{lo}, {hi}]{why}, got {lo_v if lo_v < lo else hi_v}")
 
 
 def check_nonzero(t: torch.Tensor, name: str) -> None:

@@ -184,38 +184,22 @@ void index_fwd(const LabelMapParams& p) {
   }
 }
 
-// d x of n values from x (the row's logits) and c (d out / d f at them): probs: p (c - S); log_probs: c - p S, with
-// p = softmax(x) from the saved (max, log-sum) and S as the caller's. Into xs.
-RK_CLONES void softmax_grads(int input, float* xs, const float* cs, std::int64_t n, float m, float ls, float S) {
-  if (input == 1) {
+// d x from the row's logits x and c = d out / d f (null: c = 0, a column no target reads): probs p (c - S),
+// log_probs c - p S, with p = softmax(x) from the saved (max, log-sum) and S as the caller's. out may be x or c.
+RK_CLONES void softmax_grads(int input, const float* x, const float* c, float* out, std::int64_t n, float m,
+                             float ls, float S) {
+  if (input == 1 && c) {
 #pragma omp simd
-    for (std::int64_t u = 0; u < n; ++u) xs[u] = fast_exp(xs[u] - m - ls) * (cs[u] - S);
+    for (std::int64_t k = 0; k < n; ++k) out[k] = fast_exp(x[k] - m - ls) * (c[k] - S);
+  } else if (input == 1) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < n; ++k) out[k] = fast_exp(x[k] - m - ls) * (0.0f - S);
+  } else if (c) {
+#pragma omp simd
+    for (std::int64_t k = 0; k < n; ++k) out[k] = c[k] - fast_exp(x[k] - m - ls) * S;
   } else {
 #pragma omp simd
-    for (std::int64_t u = 0; u < n; ++u) xs[u] = cs[u] - fast_exp(xs[u] - m - ls) * S;
-  }
-}
-
-// The same for a whole row in place of c: c[k] <- d x[k] (c = 0 at the columns no target reads).
-RK_CLONES void softmax_grads_row(int input, float* c, const float* xr, std::int64_t K, float m, float ls, float S) {
-  if (input == 1) {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) c[k] = fast_exp(xr[k] - m - ls) * (c[k] - S);
-  } else {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) c[k] = c[k] - fast_exp(xr[k] - m - ls) * S;
-  }
-}
-
-// d x of a whole row where c = 0 (every column no target reads): probs p (0 - S), log_probs 0 - p S. Into d.
-RK_CLONES void softmax_grads_unmapped(int input, const float* xr, float* d, std::int64_t K, float m, float ls,
-                                      float S) {
-  if (input == 1) {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) d[k] = fast_exp(xr[k] - m - ls) * (0.0f - S);
-  } else {
-#pragma omp simd
-    for (std::int64_t k = 0; k < K; ++k) d[k] = 0.0f - fast_exp(xr[k] - m - ls) * S;
+    for (std::int64_t k = 0; k < n; ++k) out[k] = 0.0f - fast_exp(x[k] - m - ls) * S;
   }
 }
 
@@ -239,10 +223,10 @@ void index_bwd(const LabelMapParams& p) {
     tw[t] = acc;
   }
   advise_huge(dx, p.B * K * (DT == F32 ? 4 : 2));
-  // Each row's c = d out / d f is scattered entry by entry in (t, j) order onto a zeroed row, so a column's
-  // contributions add in the reference's index_add_ order (no inverse table: building and sorting one for CLIP's
-  // 32,157 entries cost more than the rows at small batches), then one vectorised sweep gives d x.
-  // Logits: d x = c, scattered onto a zeroed row (the float32 output row itself). Softmax inputs with a sparse
+  // Each row's c = d out / d f is scattered entry by entry in (t, j) order, so a column's contributions add in the
+  // reference's index_add_ order (no inverse table: building and sorting one for CLIP's 32,157 entries cost more
+  // than the rows at small batches). Logits: d x = c, scattered onto a zeroed row (the float32 output row itself).
+  // Softmax inputs with a sparse
   // mapping (E * 8 < K: a verbalizer's 40 entries in a 128,256-token vocabulary): c lives only at the mapped
   // columns (reset, then scattered, in a K-sized buffer nobody zeroes), the row's one dense sweep writes every
   // column's d x as if unmapped, and the mapped columns are then recomputed with their c (a repeated column gets the
@@ -266,11 +250,14 @@ void index_bwd(const LabelMapParams& p) {
       const std::int64_t base = b * p.x_sb, obase = b * K;
       for (std::int64_t t = 0; t < p.T; ++t) gv[t] = load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st);
       float* c = in_place ? static_cast<float*>(dx) + obase : crow.data();
-      if (p.input == 0) {
-        std::fill(c, c + K, 0.0f);
+      auto scatter = [&] {  // (t, j) order: the reference's index_add_ order per column
         for (std::int64_t t = 0; t < p.T; ++t)
           for (std::int64_t j = 0; j < p.M; ++j)
             if (src[t * p.M + j] >= 0) c[src[t * p.M + j]] += gv[t] * we[t * p.M + j];
+      };
+      if (p.input == 0) {
+        std::fill(c, c + K, 0.0f);
+        scatter();
         if (!in_place) row_from_float<DT>(c, K, dx, obase);
         continue;
       }
@@ -283,21 +270,19 @@ void index_bwd(const LabelMapParams& p) {
       } else {
         std::fill(c, c + K, 0.0f);
       }
-      for (std::int64_t t = 0; t < p.T; ++t)  // (t, j) order: the reference's index_add_ order per column
-        for (std::int64_t j = 0; j < p.M; ++j)
-          if (src[t * p.M + j] >= 0) c[src[t * p.M + j]] += gv[t] * we[t * p.M + j];
+      scatter();
       const float* xr = static_cast<const float*>(x) + base;  // a contiguous float32 row, read in place
       if (DT != F32 || p.x_sk != 1) {
         row_to_float<DT>(x, base, p.x_sk, K, xrow.data());
         xr = xrow.data();
       }
       if (!sparse) {
-        softmax_grads_row(p.input, c, xr, K, m, ls, S);
+        softmax_grads(p.input, xr, c, c, K, m, ls, S);
         row_from_float<DT>(c, K, dx, obase);
         continue;
       }
       float* d = out_f32 ? static_cast<float*>(dx) + obase : drow.data();
-      softmax_grads_unmapped(p.input, xr, d, K, m, ls, S);
+      softmax_grads(p.input, xr, nullptr, d, K, m, ls, S);
       std::int64_t n = 0;
       for (std::int64_t e = 0; e < E; ++e)
         if (src[e] >= 0) {
@@ -305,7 +290,7 @@ void index_bwd(const LabelMapParams& p) {
           xs[n] = xr[src[e]];
           cs[n++] = c[src[e]];
         }
-      softmax_grads(p.input, xs.data(), cs.data(), n, m, ls, S);
+      softmax_grads(p.input, xs.data(), cs.data(), xs.data(), n, m, ls, S);
       for (std::int64_t u = 0; u < n; ++u) d[ks[u]] = xs[u];
       if (!out_f32) row_from_float<DT>(d, K, dx, obase);
     }

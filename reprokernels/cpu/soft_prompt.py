@@ -116,7 +116,7 @@ def prompt_layout(attention_mask: torch.Tensor | None, labels: torch.Tensor | No
     B, L = (attention_mask if attention_mask is not None else labels).shape
     p = _cpu.Params()
     p.B, p.L, p.P = B, L, P
-    mask_out = labels_out = position_ids = insert_k = None
+    mask_out = labels_out = position_ids = None
     if attention_mask is not None:
         mask_out = torch.empty((B, P + L), dtype=attention_mask.dtype)
         position_ids = torch.empty((B, P + L), dtype=torch.int64)
@@ -129,9 +129,7 @@ def prompt_layout(attention_mask: torch.Tensor | None, labels: torch.Tensor | No
         p.with_labels = 1
         p.labels, p.labels_dtype, p.labels_out = labels.data_ptr(), INDEX_CODES[labels.dtype], labels_out.data_ptr()
         p.labels_sb, p.labels_sl = labels.stride()
-    if insert_at is not None:
-        insert_k = _index(insert_at)
-        p.insert, p.insert_s, p.insert_dtype = insert_k.data_ptr(), insert_k.stride(0), INDEX_CODES[insert_k.dtype]
+    _, insert_k = _set_insert_task(p, None, insert_at)
     _cpu.run("soft_prompt_layout", p)
     del insert_k
     return mask_out, labels_out, position_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._amp import no_autocast
-from .._apply import backend_module, direct_call, plain_eager, run_function
+from .._apply import backend_module, direct_call, op_outputs, plain_eager, run_function
 from .._backend import register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -77,9 +77,7 @@ def _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend):
 
 
 def _bwd_op(grad, logits, mapping, out, lse, reduce, input, needs, backend):
-    # a registered op returns tensors: an empty one stands for a gradient that is not needed
-    return tuple(grad.new_empty((0,)) if t is None else t
-                 for t in _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend))
+    return op_outputs(grad, _bwd(grad, logits, mapping, out, lse, reduce, input, needs, backend))
 
 
 torch.library.impl("reprokernels::label_map_bwd", ["CPU", "CUDA"])(_bwd_op)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._apply import backend_module, direct_call, run_function
+from .._apply import backend_module, direct_call, op_outputs, run_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -93,9 +93,7 @@ def _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
 
 
 def _bwd_op(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend):
-    # a registered op returns tensors: an empty one stands for a gradient that is not needed
-    return tuple(grad.new_empty((0,)) if t is None else t
-                 for t in _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend))
+    return op_outputs(grad, _bwd(grad, prompt, task_ids, insert_at, L, embed_scale, needs, backend))
 
 
 torch.library.impl("reprokernels::soft_prompt_concat_bwd", ["CPU", "CUDA"])(_bwd_op)

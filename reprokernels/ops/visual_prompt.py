@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .._apply import backend_module, direct_call, plain_eager, run_function
+from .._apply import backend_module, direct_call, op_outputs, plain_eager, run_function
 from .._backend import register_op
 from .._validation import (
     FLOAT_DTYPES,
@@ -74,10 +74,7 @@ def _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend):
 
 
 def _bwd_op(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend):
-    # the schema has no optional outputs: an unneeded gradient is an empty tensor (a fresh one each: outputs
-    # must not alias)
-    return tuple(x.new_empty((0,)) if t is None else t
-                 for t in _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend))
+    return op_outputs(x, _bwd(grad, x, delta, mask, mean, std, ints, floats, modes, needs, backend))
 
 
 torch.library.impl("reprokernels::visual_prompt_bwd", ["CPU", "CUDA"])(_bwd_op)
