@@ -33,7 +33,7 @@ def apply_function(fn: type[torch.autograd.Function], *args: object) -> object:
     return super(torch.autograd.Function, fn).apply(*args)  # torch._C._FunctionBase.apply, bound to fn
 
 
-_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> bool:
@@ -44,7 +44,7 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_dispatch_stack()):
         return False
-    if not all(t is None or (type(t) in _PLAIN_TYPES and not t.is_meta) for t in tensors):
+    if not all(t is None or (type(t) in PLAIN_TYPES and not t.is_meta) for t in tensors):
         return False
     return autocast_free or not torch.is_autocast_enabled(tensors[0].device.type)
 
@@ -79,6 +79,6 @@ def run_function(fn: type[torch.autograd.Function], impl: object, *args: object,
     """``fn.apply(*args, direct)``, or where ``direct`` and no tensor argument needs a gradient, ``impl(*args)``:
     the backend's forward itself, since the Function has nothing to record then."""
     if direct and not (torch.is_grad_enabled()
-                       and any(type(a) in _PLAIN_TYPES and a.requires_grad for a in args)):  # type: ignore[union-attr]
+                       and any(type(a) in PLAIN_TYPES and a.requires_grad for a in args)):  # type: ignore[union-attr]
         return impl(*args)  # type: ignore[operator]
     return apply_function(fn, *args, direct)

@@ -170,3 +170,40 @@ def test_forward_ad_is_refused_not_dropped():
         dual = fwAD.make_dual(x, tangent)
         with pytest.raises(RuntimeError):
             rk.label_map(dual, torch.tensor([[1, 2]]), input="log_probs", backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", ["1d", "col", "int32", "strided", "batched"])
+def test_one_to_one_auto_gather_matches_the_reference(dtype, shape):
+    """auto's index_select path (label_map._column_gather): the reference's values and gradient bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    k_src = 13
+    lead = (3, 5) if shape == "batched" else (6,)
+    x = torch.randn(*lead, k_src, generator=g).to(dtype).requires_grad_()
+    m = torch.tensor([12, 0, 4, 4, 7])  # a repeated source: its gradient is a sum
+    if shape == "col":
+        m = m[:, None]
+    elif shape == "int32":
+        m = m.to(torch.int32)
+    elif shape == "strided":
+        m = torch.stack([m, m], 1)[:, 1]
+    before = m.clone()
+    with torch.no_grad():  # the path serves no-grad calls as well
+        assert torch.equal(rk.label_map(x, m), rk.label_map(x, m, backend="reference"))
+    got, want = rk.label_map(x, m), rk.label_map(x, m, backend="reference")
+    assert got.shape == want.shape == (*lead, 5) and got.dtype == want.dtype and torch.equal(got, want)
+    dy = torch.randn(got.shape, generator=g).to(dtype)
+    assert torch.equal(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0])
+    assert torch.equal(m, before)
+
+
+def test_one_to_one_auto_gather_falls_back_on_minus_one_and_names_bad_indices():
+    x = torch.randn(4, 6)
+    m = torch.tensor([5, -1, 2])  # -1: no source, a zero column (index_select refuses it; the checked path serves)
+    got = rk.label_map(x, m)
+    assert torch.equal(got, rk.label_map(x, m, backend="reference")) and torch.all(got[:, 1] == 0)
+    for bad in (torch.tensor([6]), torch.tensor([-2]), torch.tensor([[0], [6]], dtype=torch.int32)):
+        with pytest.raises(ValueError, match=r"mapping: expected values in \[-1, 5\]"):
+            rk.label_map(x, bad)
+    with pytest.raises(ValueError, match="mapping: expected a tensor on cpu"):
+        rk.label_map(x, torch.tensor([1], device="meta"))
