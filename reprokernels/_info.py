@@ -39,8 +39,9 @@ AUTO_ROUTES = {
     "merge_attention_states": "CUDA: cuda when no input needs a gradient and none is float64, else reference. "
                               "CPU: reference",
     "label_map": (
-        "CPU, eager mode: a one-to-one map of logits with every source real runs as torch's column gather (the "
-        "eager chain); index maps otherwise: cpu; dense maps: the reference as plain PyTorch (a BLAS GEMM). "
+        "CPU, eager mode: a one-to-one map of logits with every source real runs as torch.index_select; index "
+        "maps otherwise: cpu; dense maps: cpu for a fixed map of at most 16 targets over at least 2**17 logits "
+        "(its register tiles beat the BLAS GEMM there), else the reference as plain PyTorch (a BLAS GEMM). "
         "Compiled or traced: the registered op (cpu for index maps, reference for dense)"),
     "visual_prompt": "CPU: cpu unless resize is asked (the reference, as plain PyTorch in eager mode)",
     "cpu backend, eager mode": (

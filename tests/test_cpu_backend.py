@@ -427,3 +427,60 @@ def test_info_reports_the_cpu_module():
 def test_bad_input_names_the_argument(op, kw):
     with pytest.raises(ValueError, match="backend: expected one of auto, reference, triton, cuda, composite, cpu"):
         rk.label_map(torch.randn(2, 5), torch.tensor([1]), backend="fast")
+
+
+# T: one partial tile (1, 15), one full (16), full + tail (17), every tile width of the AVX-512 set (40, 70) and
+# more columns than one pass of tiles takes (130); B: rows in no multiple of the tile's 2 or 6
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 40, 70, 130])
+@pytest.mark.parametrize("input", ["logits", "probs", "log_probs"])
+def test_label_map_dense_tiles_match_reference(T, input):
+    g = torch.Generator().manual_seed(T)
+    B, K = 13, 37
+    x = (torch.randn(B, K, generator=g) * 3).requires_grad_()
+    mapping = torch.randn(K, T, generator=g)
+
+    def fn(x, mapping, backend):
+        return rk.label_map(x, mapping, input=input, backend=backend)
+
+    _compare(fn, [x, mapping], torch.float32, scale=4)
+
+
+def test_label_map_dense_portable_tiles_match_reference():
+    """The baseline (SSE2) tiles, forced in a fresh process: what a CPU without AVX2 runs."""
+    import os
+    import subprocess
+    import sys
+    code = (
+        "import torch, reprokernels as rk\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for T in (3, 16, 21):\n"
+        "    x = torch.randn(7, 29, generator=g, dtype=torch.float32).to(torch.bfloat16).requires_grad_()\n"
+        "    w = torch.randn(29, T, generator=g)\n"
+        "    out = rk.label_map(x, w, input='log_probs', backend='cpu')\n"
+        "    want = rk.label_map(x.float(), w, input='log_probs', backend='reference')\n"
+        "    assert torch.allclose(out, want, rtol=1e-4, atol=1e-4), (out - want).abs().max()\n"
+        "    dy = torch.randn(out.shape, generator=g)\n"
+        "    (a,) = torch.autograd.grad(out, x, dy)\n"
+        "    (b,) = torch.autograd.grad(want, x, dy)\n"
+        "    assert torch.allclose(a.float(), b.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-2)\n"
+        "print('ok')\n")
+    env = dict(os.environ, REPROKERNELS_CPU_PORTABLE_TILES="1")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_auto_runs_skinny_dense_maps_of_many_logits_on_the_cpu_kernel():
+    """dense_serves: few targets and many logits in eager mode take the kernel; else the reference (a GEMM)."""
+    import unittest.mock as um
+
+    from reprokernels.cpu import label_map as clm
+    big = torch.randn(clm.DENSE_MIN_LOGITS // 64, 64)
+    with um.patch.object(clm, "label_map", wraps=clm.label_map) as spy:
+        w = torch.rand(64, clm.DENSE_MAX_TARGETS)
+        assert_close(rk.label_map(big, w), big @ w, rtol=1e-5, atol=1e-4)
+        assert spy.call_count == 1
+        rk.label_map(big, torch.rand(64, clm.DENSE_MAX_TARGETS + 1))  # more targets: the GEMM
+        rk.label_map(big[:-1], w)  # fewer logits
+        rk.label_map(big, w.clone().requires_grad_())  # a learnable map: d mapping is the GEMM's
+        rk.label_map(big.double(), w)  # float64: the reference's
+        assert spy.call_count == 1

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm_tile.h"
 #include "half_rows.h"
 #include "kernels.h"
 
@@ -297,33 +298,62 @@ void index_bwd(const LabelMapParams& p) {
   }
 }
 
+// A dense (K, T) mapping: out = f(x) W as register tiles of RB rows (gemm_tile.h). Rows are read in place (float32,
+// contiguous, logits as they are) or staged as float32 and transformed (softmax inputs: the row's statistics
+// first, saved for the backward). W's full 16-column tiles are read in place; its last T % 16 columns from a
+// zero-padded (K, 16) copy, so no tile reads past W.
 template <int DT>
 void dense_fwd(const LabelMapParams& p) {
+  const GemmTiles& gt = gemm_tiles();
+  const int RB = gt.rb;
   const void* x = reinterpret_cast<const void*>(p.x);
   const float* W = reinterpret_cast<const float*>(p.w);  // (K, T) float32 contiguous
   void* out = reinterpret_cast<void*>(p.out);
-  const std::int64_t T = p.T;
+  const std::int64_t K = p.K, T = p.T, T16 = T - T % 16, TP = T16 + (T % 16 ? 16 : 0);
+  std::vector<float>& tail = scratch<float, 0>(T % 16 ? static_cast<std::size_t>(K * 16) : 0);
+  if (T % 16) {
+    std::fill(tail.begin(), tail.end(), 0.0f);
+    for (std::int64_t k = 0; k < K; ++k)
+      std::memcpy(tail.data() + k * 16, W + k * T + T16, static_cast<std::size_t>(T % 16) * sizeof(float));
+  }
+  const bool staged = DT != F32 || p.x_sk != 1 || p.input != 0;
+  const std::int64_t nblk = (p.B + RB - 1) / RB;
 #pragma omp parallel num_threads(threads_of(p.threads))
   {
-    std::vector<float> acc(T);
+    std::vector<float>& rows = scratch<float, 2>(staged ? static_cast<std::size_t>(RB * K) : 0);
+    std::vector<float>& c = scratch<float, 3>(static_cast<std::size_t>(RB * TP));
+    const float* a[8];
 #pragma omp for schedule(static)
-    for (std::int64_t b = 0; b < p.B; ++b) {
-      const std::int64_t base = b * p.x_sb;
-      float m = 0.0f, ls = 0.0f;
-      if (p.input != 0) saved_row_stats<DT>(p, b, &m, &ls);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float* a = acc.data();
-      for (std::int64_t k = 0; k < p.K; ++k) {
-        const float f = transform(p.input, load<DT>(x, base + k * p.x_sk), m, ls);
-        const float* wr = W + k * T;
-#pragma omp simd
-        for (std::int64_t t = 0; t < T; ++t) a[t] += f * wr[t];
+    for (std::int64_t blk = 0; blk < nblk; ++blk) {
+      const std::int64_t b0 = blk * RB, nr = std::min<std::int64_t>(RB, p.B - b0);
+      for (std::int64_t r = 0; r < nr; ++r) {
+        const std::int64_t b = b0 + r;
+        if (!staged) {
+          a[r] = static_cast<const float*>(x) + b * p.x_sb;
+          continue;
+        }
+        float* row = rows.data() + r * K;
+        row_to_float<DT>(x, b * p.x_sb, p.x_sk, K, row);
+        if (p.input != 0) {
+          float m = 0.0f, ls = 0.0f;
+          row_stats<F32>(row, 0, 1, K, &m, &ls);
+          reinterpret_cast<float*>(p.lse)[2 * b] = m;
+          reinterpret_cast<float*>(p.lse)[2 * b + 1] = ls;
+          transform_entries(p.input, row, K, m, ls);
+        }
+        a[r] = row;
       }
-      for (std::int64_t t = 0; t < T; ++t) store_any(p.out_dtype, out, b * T + t, a[t]);
+      for (std::int64_t r = nr; r < RB; ++r) a[r] = a[0];  // (computed, never stored)
+      gemm_rows(gt, a, W, T, K, T16, c.data(), TP);
+      if (T % 16) gt.fn[1](a, tail.data(), 16, K, c.data() + T16, TP);
+      for (std::int64_t r = 0; r < nr; ++r)
+        for (std::int64_t t = 0; t < T; ++t) store_any(p.out_dtype, out, (b0 + r) * T + t, c[r * TP + t]);
     }
   }
 }
 
+// d x = f'(c) with c = grad W^T: register tiles of RB rows of grad (float32) against W^T, transposed once into a
+// (T, K16) copy with K16 = K rounded up to 16 (zero columns past K, computed and dropped).
 template <int DT>
 void dense_bwd(const LabelMapParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
@@ -339,29 +369,48 @@ void dense_bwd(const LabelMapParams& p) {
     for (std::int64_t t = 0; t < T; ++t) gf[b * T + t] = load_any(p.grad_dtype, g, b * p.grad_sb + t * p.grad_st);
   if (p.dx) {
     void* dx = reinterpret_cast<void*>(p.dx);
+    const GemmTiles& gt = gemm_tiles();
+    const int RB = gt.rb;
+    const std::int64_t K16 = (K + 15) / 16 * 16;
+    std::vector<float>& wt = scratch<float, 0>(static_cast<std::size_t>(T * K16));
+    // (blocks of 64 sources: W's rows read in order, 64-float runs of each W^T row written)
+#pragma omp parallel for schedule(static) num_threads(T * K >= (1 << 16) ? nt : 1)
+    for (std::int64_t k0 = 0; k0 < K16; k0 += 64) {
+      const std::int64_t k1 = std::min(K16, k0 + 64);
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t k = k0; k < k1; ++k) wt[t * K16 + k] = k < K ? W[k * T + t] : 0.0f;
+    }
     std::vector<float> colsum(T, 0.0f);
     if (p.input == 2)
       for (std::int64_t k = 0; k < K; ++k)
         for (std::int64_t t = 0; t < T; ++t) colsum[t] += W[k * T + t];
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (std::int64_t b = 0; b < B; ++b) {
-      const float* gb = gf.data() + b * T;
-      float m = 0.0f, ls = 0.0f, S = 0.0f;
-      if (p.input != 0) {
-        m = lse[2 * b];
-        ls = lse[2 * b + 1];
-        for (std::int64_t t = 0; t < T; ++t) S += gb[t] * (p.input == 1 ? saved[b * T + t] : colsum[t]);
-      }
-      for (std::int64_t k = 0; k < K; ++k) {
-        const float* wr = W + k * T;
-        float c = 0.0f;
-        for (std::int64_t t = 0; t < T; ++t) c += gb[t] * wr[t];
-        float v = c;
-        if (p.input != 0) {
-          const float pk = fast_exp(load<DT>(x, b * p.x_sb + k * p.x_sk) - m - ls);
-          v = p.input == 1 ? pk * (c - S) : c - pk * S;
+    const std::int64_t nblk = (B + RB - 1) / RB;
+    advise_huge(dx, B * K * (DT == F32 ? 4 : 2));
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float>& c = scratch<float, 2>(static_cast<std::size_t>(RB * K16));
+      std::vector<float>& xrow = scratch<float, 3>(p.input != 0 ? static_cast<std::size_t>(K) : 0);
+      const float* a[8];
+#pragma omp for schedule(static)
+      for (std::int64_t blk = 0; blk < nblk; ++blk) {
+        const std::int64_t b0 = blk * RB, nr = std::min<std::int64_t>(RB, B - b0);
+        for (std::int64_t r = 0; r < RB; ++r) a[r] = gf.data() + (b0 + (r < nr ? r : 0)) * T;
+        gemm_rows(gt, a, wt.data(), K16, T, K16, c.data(), K16);
+        for (std::int64_t r = 0; r < nr; ++r) {
+          const std::int64_t b = b0 + r;
+          float* cr = c.data() + r * K16;
+          if (p.input != 0) {
+            const float* gb = gf.data() + b * T;
+            float S = 0.0f;
+            for (std::int64_t t = 0; t < T; ++t) S += gb[t] * (p.input == 1 ? saved[b * T + t] : colsum[t]);
+            row_to_float<DT>(x, b * p.x_sb, p.x_sk, K, xrow.data());
+            softmax_grads(p.input, xrow.data(), cr, cr, K, lse[2 * b], lse[2 * b + 1], S);
+          }
+          if (DT == F32)
+            std::memcpy(static_cast<float*>(dx) + b * K, cr, static_cast<std::size_t>(K) * 4);
+          else
+            row_from_float<DT>(cr, K, dx, b * K);
         }
-        store<DT>(dx, b * K + k, v);
       }
     }
   }

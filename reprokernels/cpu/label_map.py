@@ -1,10 +1,10 @@
 """cpu backend of ``label_map``: tensors -> ``LabelMapParams`` -> csrc/cpu/label_map.cpp.
 
 Index mappings: one thread per row, one sweep for the row's max and one for its sum of exp (the row still in
-cache), then only the mapped columns; the backward writes each row's softmax term once and overwrites the mapped
-columns from an inverse table sorted by column (stable: the reference's index_add_ order). Dense mappings: the
-(K, T) weights as float32, each output summed over K in order (forward) and d mapping summed over the batch in
-sample order by one thread per block of sources (backward). Logits float32/float16/bfloat16, any strides
+cache), then only the mapped columns; the backward scatters each row's d out in the reference's index_add_ order
+and sweeps the row once. Dense mappings: the (K, T) weights as float32, the products as register tiles of a few
+rows (csrc/cpu/gemm_tile.h; each output summed over K in order, d logits over T in order), d mapping summed over
+the batch in sample order by one thread per block of sources (backward). Logits float32/float16/bfloat16, any strides
 (stride 0 included); float64 is the reference's.
 """
 
@@ -28,9 +28,9 @@ def supports(case: tuple) -> str:
     auto takes the cpu kernels where they were measured faster than the reference (auto's other choice) and the
     eager chain (docs/cpu-backend.md): logits of any kernel dtype with an index mapping (one-to-one or many-to-one),
     any input (full shapes: 1.5-5.7x eager, 1.0-2.7x torch.compile; B2-B4: 1.1-2.0x eager, 0.9-1.5x compile).
-    The op itself runs a one-to-one logits mapping as torch's gather in eager mode.
-    Implemented but not measured faster (so auto keeps the reference): dense mappings (eager's matmul is a BLAS
-    GEMM).
+    The op itself runs a one-to-one logits mapping as torch.index_select in eager mode.
+    Dense mappings: the case holds no sizes, so auto keeps the reference (a BLAS GEMM) here; in eager mode the op
+    takes this backend where ``dense_serves`` says the kernel is faster.
     """
     d = case_dict(case)
     why = dtype_reason(d, "dtype", *(("mapping_dtype",) if d.get("mapping") == "dense" else ()))
@@ -39,6 +39,19 @@ def supports(case: tuple) -> str:
     if d.get("mapping") != "index":
         return f"mapping={d.get('mapping')!r}: only index mappings were measured faster than eager on the cpu kernels"
     return ""
+
+
+# Dense mappings: the kernel's register tiles (csrc/cpu/gemm_tile.h) against torch's BLAS GEMM (MKL; 2 threads of
+# an AMD EPYC with AVX2, interleaved medians, 2026-12-06): 1.4-2.3x forward and 1.3-2.3x forward + backward at
+# B256 x 1000 for T = 2..16 targets, 0.9x at T = 24 and 0.74x at T = 100 (the GEMM is compute-bound there and MKL's
+# tiles are better), and slower below ~64K logits, where the launch's fixed cost (~15 us) is more than the GEMM.
+DENSE_MAX_TARGETS = 16
+DENSE_MIN_LOGITS = 1 << 17
+
+
+def dense_serves(B: int, K: int, T: int) -> bool:
+    """Whether auto, in eager mode, runs a (B, K) x (K, T) dense mapping on this backend rather than the BLAS."""
+    return T <= DENSE_MAX_TARGETS and B * K >= DENSE_MIN_LOGITS
 
 
 def _set_index_mapping(p, mapping: torch.Tensor, reduce: str) -> torch.Tensor:

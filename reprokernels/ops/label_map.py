@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _cpu
 from .._amp import no_autocast
 from .._apply import PLAIN_TYPES, backend_module, direct_call, op_outputs, plain_eager, run_function
 from .._backend import register_op
@@ -17,6 +18,7 @@ from .._validation import (
     check_tensor,
     resolve_backend_for,
 )
+from ..cpu import label_map as _cpu_label_map
 from ..reference.label_map import INPUTS, REDUCES, label_map_values, out_dtype
 
 OP = "label_map"
@@ -154,6 +156,16 @@ def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: s
     return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
 
 
+def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
+    """auto in eager mode, a dense mapping that auto's case rule leaves to the reference: whether the cpu kernel
+    is faster here (``cpu.label_map.dense_serves``: few targets, many logits; a size rule, so it cannot live in
+    the case, which holds no sizes and is what torch.compile guards on). A learnable mapping keeps the reference,
+    whose d mapping is a BLAS GEMM."""
+    return (mapping.is_floating_point() and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES
+            and flat.is_cpu and _cpu.available() and _cpu_label_map.dense_serves(flat.shape[0], flat.shape[1],
+                                                                                 mapping.shape[1]))
+
+
 def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mean", input: str = "logits",
               backend: str = "auto") -> torch.Tensor:
     """Map source-class outputs to target classes.
@@ -192,12 +204,14 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     chosen = resolve_backend_for(OP, backend, logits.device, case=(
         f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
         f"mapping_dtype={m2.dtype}", f"input={input}"))
+    if chosen == "reference" and backend == "auto" and plain_eager(flat, m2):
+        if _dense_kernel_serves(flat, m2):
+            chosen = "cpu"
+        else:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
+            out = label_map_values(flat, m2, reduce, input)
+            return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
-    if chosen == "reference" and backend == "auto" and plain_eager(flat, m2):
-        # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
-        out = label_map_values(flat, m2, reduce, input)
-    else:
-        out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
-                              direct=direct_call(chosen, flat, m2))
+    out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
+                          direct=direct_call(chosen, flat, m2))
     return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
