@@ -591,17 +591,31 @@ def concat_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = prefix_k.shape[-2]
-    valid = key_valid(B, Lk, key_padding_mask, kv_lengths, q.device)
-    k, v = zero_invalid(k, valid), zero_invalid(v, valid)
+    S = P + Lk
+    # As few ATen calls as the chain allows (each costs several us at these sizes, as much as the arithmetic): one
+    # validity test over the concatenated key axis (seen: (B, S), the prefix always) serves as the mask, and its
+    # sequence part zeroes the unseen keys and values before the concatenation (k and v alone: not the prefix).
+    if key_padding_mask is not None:
+        seen = torch.cat((torch.ones(B, P, dtype=torch.bool, device=q.device), key_padding_mask.to(torch.bool)), 1)
+    elif kv_lengths is not None:
+        seen = torch.arange(S, device=q.device) < (kv_lengths.view(B, 1).to(torch.int64) + P)
+    else:
+        seen = None
+    mask = None
+    if seen is not None:
+        own = seen[:, P:].view(B, 1, Lk, 1)
+        k, v = torch.where(own, k, 0.0), torch.where(own, v, 0.0)
+        mask = seen.view(B, 1, 1, S)
     if prefix_k.dim() == 4:
         rows = task_ids.long()
         pk, pv = prefix_k[rows], prefix_v[rows]
     else:
         pk, pv = prefix_k.expand(B, Hkv, P, prefix_k.shape[-1]), prefix_v.expand(B, Hkv, P, prefix_v.shape[-1])
     keys, values = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
-    keep = sequence_keep(B, Lq, Lk, key_padding_mask, kv_lengths, causal, q.device)
-    mask = None
-    if keep is not None:  # prefix keys always seen
-        mask = torch.cat((torch.ones(B, Lq, P, dtype=torch.bool, device=q.device), keep), dim=2).unsqueeze(1)
+    if causal and Lq > 1:
+        # query i sees the own keys j <= i + Lk - Lq, i.e. s <= i + S - Lq, and every prefix key (s < P)
+        last = (torch.arange(Lq, device=q.device) + (S - Lq)).clamp_(min=P - 1)
+        order = torch.arange(S, device=q.device).view(1, S) <= last.view(Lq, 1)
+        mask = order if mask is None else mask & order
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                             enable_gqa=Hq != Hkv)
