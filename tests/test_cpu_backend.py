@@ -484,3 +484,21 @@ def test_auto_runs_skinny_dense_maps_of_many_logits_on_the_cpu_kernel():
         rk.label_map(big, w.clone().requires_grad_())  # a learnable map: d mapping is the GEMM's
         rk.label_map(big.double(), w)  # float64: the reference's
         assert spy.call_count == 1
+
+
+def test_use_backend_overrides_the_eager_shortcuts():
+    """use_backend(name) makes auto mean name: neither label_map's column gather nor its dense size rule runs."""
+    import unittest.mock as um
+
+    from reprokernels.cpu import label_map as clm
+    big = torch.randn(clm.DENSE_MIN_LOGITS // 64, 64)
+    w = torch.rand(64, 3)
+    with um.patch.object(torch, "index_select", wraps=torch.index_select) as gather, \
+            um.patch.object(clm, "label_map", wraps=clm.label_map) as kernel:
+        rk.label_map(big, torch.tensor([5, 0]))
+        rk.label_map(big, w)
+        assert gather.call_count == 1 and kernel.call_count == 1
+        with rk.use_backend("reference"):
+            assert torch.equal(rk.label_map(big, torch.tensor([5, 0])), big[:, [5, 0]])
+            assert_close(rk.label_map(big, w), big @ w, rtol=1e-5, atol=1e-4)
+        assert gather.call_count == 1 and kernel.call_count == 1

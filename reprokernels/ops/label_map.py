@@ -7,7 +7,7 @@ import torch
 from .. import _cpu
 from .._amp import no_autocast
 from .._apply import PLAIN_TYPES, backend_module, direct_call, op_outputs, plain_eager, run_function
-from .._backend import register_op
+from .._backend import default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
     KERNEL_DTYPES,
@@ -140,7 +140,7 @@ def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: s
     advanced indexing: 3.6 against 15 us at B256 1000->10; its backward is ``index_add_``). It refuses any index
     outside [0, K_src) itself, so no range check runs first: a -1 (no source) or a bad index returns None and
     the checked path handles or names it. float64 logits included: the reference's result is the same gather."""
-    if (backend != "auto" or input != "logits" or type(mapping) not in PLAIN_TYPES
+    if (backend != "auto" or default_backend() != "auto" or input != "logits" or type(mapping) not in PLAIN_TYPES
             or mapping.dtype not in KERNEL_INDEX_DTYPES or not logits.is_cpu):
         return None
     if mapping.dim() == 2 and mapping.shape[1] == 1:
@@ -201,15 +201,20 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     m2 = _check_mapping(mapping, k_src)
     check_same_device(("logits", logits), ("mapping", mapping))
     flat = logits if logits.dim() == 2 else logits.reshape(-1, k_src)  # (a 2-D input: no view to make)
-    chosen = resolve_backend_for(OP, backend, logits.device, case=(
-        f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
-        f"mapping_dtype={m2.dtype}", f"input={input}"))
-    if chosen == "reference" and backend == "auto" and plain_eager(flat, m2):
-        if _dense_kernel_serves(flat, m2):
-            chosen = "cpu"
-        else:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
-            out = label_map_values(flat, m2, reduce, input)
-            return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
+    if (backend == "auto" and m2.is_floating_point() and flat.is_cpu and default_backend() == "auto"
+            and plain_eager(flat, m2)):
+        # a dense map on CPU in eager mode: auto's case rule keeps the reference (a BLAS GEMM) unless the size rule
+        # (_dense_kernel_serves) finds the cpu kernel faster
+        chosen = "cpu" if _dense_kernel_serves(flat, m2) else "reference"
+        plain = chosen == "reference"
+    else:
+        chosen = resolve_backend_for(OP, backend, logits.device, case=(
+            f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
+            f"mapping_dtype={m2.dtype}", f"input={input}"))
+        plain = chosen == "reference" and backend == "auto" and plain_eager(flat, m2)
+    if plain:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
+        out = label_map_values(flat, m2, reduce, input)
+        return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
     out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
