@@ -92,7 +92,19 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    arch = " ".join(filter(None, (platform.processor() or platform.machine(), _vector_isa())))
+    return f"cpu ({arch}, {torch.get_num_threads()} threads)"
+
+
+def _vector_isa() -> str:
+    """The widest x86 vector extension the CPU reports (Linux), which sets the cpu kernels' tile and lane widths
+    (csrc/cpu/gemm_tile.h, the RK_CLONES functions): rows measured on different CPUs are told apart by it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return ""
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
 
 
 def versions() -> str:
