@@ -49,12 +49,18 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
     return autocast_free or not torch.is_autocast_enabled(tensors[0].device.type)
 
 
+def in_forward_ad() -> bool:
+    """Inside a forward-AD dual level, where the ops' Functions (no jvp) refuse dual inputs: a route that could
+    have been plain autograd keeps it there."""
+    return _forward_ad._current_level >= 0
+
+
 def direct_call(backend: str, *tensors: torch.Tensor | None) -> bool:
     """Whether the Function may skip the registered op (see the module docstring); ``tensors``: the op's inputs."""
     # (plain_eager first: it is False while torch.compile traces, which cannot trace the profiler query; inside a
     # forward-AD dual level the Function must run, to refuse dual inputs it has no jvp for)
     return (backend == "cpu" and plain_eager(*tensors, autocast_free=True) and not torch.autograd._profiler_enabled()
-            and _forward_ad._current_level < 0)
+            and not in_forward_ad())
 
 
 def op_outputs(like: torch.Tensor, tensors: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor, ...]:

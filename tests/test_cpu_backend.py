@@ -502,3 +502,17 @@ def test_use_backend_overrides_the_eager_shortcuts():
             assert torch.equal(rk.label_map(big, torch.tensor([5, 0])), big[:, [5, 0]])
             assert_close(rk.label_map(big, w), big @ w, rtol=1e-5, atol=1e-4)
         assert gather.call_count == 1 and kernel.call_count == 1
+
+
+def test_dense_size_rule_keeps_forward_ad():
+    """Under a forward-AD dual level a skinny dense map stays plain autograd (the op's Function has no jvp)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from reprokernels.cpu import label_map as clm
+    x = torch.randn(clm.DENSE_MIN_LOGITS // 64, 64)
+    w, t = torch.rand(64, 4), torch.randn_like(x)
+    with fwAD.dual_level():
+        out = rk.label_map(fwAD.make_dual(x, t), w)
+        primal, tangent = fwAD.unpack_dual(out)
+    assert_close(primal, x @ w, rtol=1e-5, atol=1e-4)
+    assert_close(tangent, t @ w, rtol=1e-5, atol=1e-4)

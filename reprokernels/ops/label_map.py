@@ -6,7 +6,15 @@ import torch
 
 from .. import _cpu
 from .._amp import no_autocast
-from .._apply import PLAIN_TYPES, backend_module, direct_call, op_outputs, plain_eager, run_function
+from .._apply import (
+    PLAIN_TYPES,
+    backend_module,
+    direct_call,
+    in_forward_ad,
+    op_outputs,
+    plain_eager,
+    run_function,
+)
 from .._backend import default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -160,8 +168,9 @@ def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
     """auto in eager mode, a dense mapping that auto's case rule leaves to the reference: whether the cpu kernel
     is faster here (``cpu.label_map.dense_serves``: few targets, many logits; a size rule, so it cannot live in
     the case, which holds no sizes and is what torch.compile guards on). A learnable mapping keeps the reference,
-    whose d mapping is a BLAS GEMM."""
+    whose d mapping is a BLAS GEMM; so does a forward-AD dual level (plain autograd has the jvp, the op has none)."""
     return (mapping.is_floating_point() and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES
+            and not in_forward_ad()
             and flat.is_cpu and _cpu.available() and _cpu_label_map.dense_serves(flat.shape[0], flat.shape[1],
                                                                                  mapping.shape[1]))
 
