@@ -55,6 +55,8 @@ def check_same_device(*named: tuple[str, torch.Tensor | None]) -> None:
         return
     first_name, first = present[0]
     for n, t in present[1:]:
+        if t.is_cpu and first.is_cpu:  # (the common case, without building two torch.device objects)
+            continue
         if t.device != first.device:
             raise ValueError(f"{n}: expected a tensor on {first.device} (the device of {first_name}), got {t.device}")
 
