@@ -197,8 +197,9 @@ def test_one_to_one_auto_gather_matches_the_reference(dtype, shape):
     assert torch.equal(m, before)
 
 
-def test_one_to_one_auto_gather_falls_back_on_minus_one_and_names_bad_indices():
-    x = torch.randn(4, 6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # (16-bit with grad: the advanced-index branch)
+def test_one_to_one_auto_gather_falls_back_on_minus_one_and_names_bad_indices(dtype):
+    x = torch.randn(4, 6).to(dtype).requires_grad_()
     m = torch.tensor([5, -1, 2])  # -1: no source, a zero column (index_select refuses it; the checked path serves)
     got = rk.label_map(x, m)
     assert torch.equal(got, rk.label_map(x, m, backend="reference")) and torch.all(got[:, 1] == 0)
