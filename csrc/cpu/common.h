@@ -23,9 +23,15 @@
 // parallel loops. GCC contracts a * b + c into an FMA in C++ where the target has one (the avx512f clone), so the
 // clones differ in rounding and in the lane count of a vectorised reduction; on one machine every thread runs the
 // same clone (the same bits for any thread count). GCC on x86-64 Linux (glibc ifunc) only; elsewhere, or with
-// -DRK_NO_CLONES, the baseline alone.
+// -DRK_NO_CLONES, the baseline alone. The 256-bit clone is x86-64-v3 (AVX2 + FMA + F16C) where GCC dispatches on
+// it (GCC 12 and later): a plain "avx2" clone has no FMA (-mavx2 does not imply -mfma), so every exp polynomial
+// and product there was a multiply and an add; older GCC keeps "avx2".
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(RK_NO_CLONES)
+#if __GNUC__ >= 12
+#define RK_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default"), noinline))
+#else
 #define RK_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#endif
 #else
 #define RK_CLONES
 #endif
