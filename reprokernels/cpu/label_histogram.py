@@ -22,8 +22,9 @@ def supports(case: tuple) -> str:
     """case keys: dtype (of the logits or integer predictions), weight ("count" or "prob").
 
     auto takes the cpu kernel where it was measured faster than the reference (auto's other choice)
-    (docs/cpu-backend.md): counts of the argmax of logits of any kernel dtype (FLM, N 50,000 x 1000: 2.2x eager and
-    2.0x compile in float32, 8.6x / 2.3x in float16), and weight="prob" (BLM+ top-1: 3.9-5.8x eager and compile;
+    (docs/cpu-backend.md): counts of the argmax of logits of any kernel dtype (FLM, N 50,000 x 1000 on the AVX2 host:
+    1.8x eager and 1.3x compile in float32, 8.5x / 10x in float16), and weight="prob" (BLM+ top-1: 3.6-5.5x eager
+    and compile;
     every k: 1.5x eager for all classes, 0.75x for top-3, always 2-7x the reference).
     Implemented but not measured faster (so auto keeps the reference): integer predictions.
     """

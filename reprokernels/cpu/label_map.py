@@ -27,7 +27,8 @@ def supports(case: tuple) -> str:
 
     auto takes the cpu kernels where they were measured faster than the reference (auto's other choice) and the
     eager chain (docs/cpu-backend.md): logits of any kernel dtype with an index mapping (one-to-one or many-to-one),
-    any input (full shapes: 1.5-5.7x eager, 1.0-2.7x torch.compile; B2-B4: 1.1-2.0x eager, 0.9-1.5x compile).
+    any input (AVX2 host, full shapes: 1.4-5.4x eager, 1.2-7.2x torch.compile; B2-B4: 0.97-1.6x eager, 1.3-1.6x
+    compile).
     The op itself runs a one-to-one logits mapping as torch.index_select in eager mode.
     Dense mappings: the case holds no sizes, so auto keeps the reference (a BLAS GEMM) here; in eager mode the op
     takes this backend where ``dense_serves`` says the kernel is faster.

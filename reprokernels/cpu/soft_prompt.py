@@ -22,8 +22,8 @@ def supports(case: tuple) -> str:
     """case keys: prompt_dtype, tokens_dtype (inputs_embeds' or embedding_weight's).
 
     auto takes the cpu kernels for every case they implement (docs/cpu-backend.md): token embeddings (ids with the
-    gather fused, or inputs_embeds) and a prompt of any kernel dtype. Full shapes (float32, bfloat16): 4.5-5.8x
-    PEFT's eager chain and 2.4-3.2x its torch.compile; at B4 0.9-1.2x eager, 0.8-1.3x compile.
+    gather fused, or inputs_embeds) and a prompt of any kernel dtype. Full shapes (float32, bfloat16; AVX2
+    host): 5.3-7.9x PEFT's eager chain and 3.0-3.9x its torch.compile; at B4 0.9-1.1x eager, 0.9-1.6x compile.
     """
     return dtype_reason(case_dict(case), "prompt_dtype", "tokens_dtype")
 
