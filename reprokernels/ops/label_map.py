@@ -143,6 +143,11 @@ def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
     return m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)
 
 
+def _restore_lead(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(B, K_tgt) back to the logits' leading dims (a 2-D input: no view to make)."""
+    return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
+
+
 def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: str) -> torch.Tensor | None:
     """auto on CPU in eager mode, logits as they are, one source per target (FLM / ILM-VP): the op is a column
     gather, which ``torch.index_select`` does at a fraction of the checked path's cost (and of the eager chain's
@@ -172,7 +177,7 @@ def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: s
             out = torch.index_select(flat, 1, mapping)
         except (RuntimeError, IndexError):  # out of [0, K_src), or on another device: the checked path decides
             return None
-    return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
+    return _restore_lead(out, logits)
 
 
 def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
@@ -180,9 +185,10 @@ def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
     is faster here (``cpu.label_map.dense_serves``: few targets, many logits; a size rule, so it cannot live in
     the case, which holds no sizes and is what torch.compile guards on). A learnable mapping keeps the reference,
     whose d mapping is a BLAS GEMM; so does a forward-AD dual level (plain autograd has the jvp, the op has none)."""
+    # (the caller has checked that mapping is dense and flat a CPU tensor)
     return (_cpu_label_map.dense_serves(flat.shape[0], flat.shape[1], mapping.shape[1])
-            and mapping.is_floating_point() and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES
-            and not in_forward_ad() and flat.is_cpu and _cpu.available())
+            and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES and not in_forward_ad()
+            and _cpu.available())
 
 
 def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mean", input: str = "logits",
@@ -236,9 +242,9 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
             out = flat @ m2  # label_map_values without its three no-op dtype conversions (as many us as a B8 GEMM)
         else:
             out = label_map_values(flat, m2, reduce, input)
-        return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
+        return _restore_lead(out, logits)
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
     out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
                           direct=direct_call(chosen, flat, m2))
-    return out if logits.dim() == 2 else out.reshape(*logits.shape[:-1], out.shape[-1])
+    return _restore_lead(out, logits)
