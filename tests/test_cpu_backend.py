@@ -445,6 +445,25 @@ def test_label_map_dense_tiles_match_reference(T, input):
     _compare(fn, [x, mapping], torch.float32, scale=4)
 
 
+# The packed, blocked GEMM (gemm_tile.h: gemm_blocked): K over several blocks of the inner dimension (blocks of 64
+# to 1024 sources: sums continued from C), 1 and 3 rows (fewer row tiles than threads: the panels split too), a row
+# count in no multiple of the tile, T in no multiple of 16; float32 in place and bf16 / strided rows converted per
+# block, softmax inputs transformed per block from the row statistics.
+@pytest.mark.parametrize("B,K,T", [(1, 700, 100), (3, 1500, 130), (29, 2100, 5), (8, 1000, 33)])
+@pytest.mark.parametrize("dtype,layout,input", [(torch.float32, "contiguous", "logits"),
+                                                (torch.bfloat16, "contiguous", "log_probs"),
+                                                (torch.float32, "transposed", "probs")])
+def test_label_map_dense_blocked_gemm_matches_reference(B, K, T, dtype, layout, input):
+    g = torch.Generator().manual_seed(B * K + T)
+    x = as_layout((torch.randn(B, K, generator=g) * 3).to(dtype), layout).requires_grad_()
+    mapping = torch.randn(K, T, generator=g) / K ** 0.5
+
+    def fn(x, mapping, backend):
+        return rk.label_map(x, mapping, input=input, backend=backend)
+
+    _compare(fn, [x, mapping], dtype, scale=4)
+
+
 def test_label_map_dense_portable_tiles_match_reference():
     """The baseline (SSE2) tiles, forced in a fresh process: what a CPU without AVX2 runs."""
     import os

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
 
@@ -24,15 +25,21 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
 // RB rows x NV vectors of V: RB x NV * lanes(V) columns of C.
+// accumulate: start from C's values (a later block of the inner dimension) instead of 0. A sum continued from its
+// stored float32 partial is the same running sum bit for bit, whatever the blocking.
 template <typename V, int RB, int NV>
 RK_ALWAYS_INLINE void gemm_tile_body(const float* const* a, const float* b, std::int64_t ldb, std::int64_t n,
-                                     float* c, std::int64_t ldc) {
+                                     float* c, std::int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(float);
   V acc[RB][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < RB; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+    for (int v = 0; v < NV; ++v) {
+      acc[r][v] = V{};
+      if (accumulate) std::memcpy(&acc[r][v], c + r * ldc + L * v, sizeof(V));
+    }
+#pragma GCC unroll 4
   for (std::int64_t i = 0; i < n; ++i) {
     V w[NV];
 #pragma GCC unroll 4
@@ -50,7 +57,8 @@ RK_ALWAYS_INLINE void gemm_tile_body(const float* const* a, const float* b, std:
     for (int v = 0; v < NV; ++v) std::memcpy(c + r * ldc + L * v, &acc[r][v], sizeof(V));
 }
 
-using GemmTileFn = void (*)(const float* const*, const float*, std::int64_t, std::int64_t, float*, std::int64_t);
+using GemmTileFn = void (*)(const float* const*, const float*, std::int64_t, std::int64_t, float*, std::int64_t,
+                           bool);
 
 // The tile functions of one target: fn[nv] computes 16 * nv columns (nv = 1 .. max_nv) of rb rows.
 struct GemmTiles {
@@ -62,19 +70,19 @@ struct GemmTiles {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 template <int NV>
 __attribute__((target("avx512f"))) void gemm_tile_avx512(const float* const* a, const float* b, std::int64_t ldb,
-                                                          std::int64_t n, float* c, std::int64_t ldc) {
-  gemm_tile_body<v16f, 6, NV>(a, b, ldb, n, c, ldc);  // 6 x 4 zmm accumulators + 4 of B: 28 of 32 registers
+                                                          std::int64_t n, float* c, std::int64_t ldc, bool acc) {
+  gemm_tile_body<v16f, 6, NV>(a, b, ldb, n, c, ldc, acc);  // 6 x 4 zmm accumulators + 4 of B: 28 of 32 registers
 }
 __attribute__((target("avx2,fma"))) inline void gemm_tile_avx2(const float* const* a, const float* b,
                                                                std::int64_t ldb, std::int64_t n, float* c,
-                                                               std::int64_t ldc) {
-  gemm_tile_body<v8f, 6, 2>(a, b, ldb, n, c, ldc);  // 6 x 2 ymm accumulators + 2 of B: 14 of 16
+                                                               std::int64_t ldc, bool acc) {
+  gemm_tile_body<v8f, 6, 2>(a, b, ldb, n, c, ldc, acc);  // 6 x 2 ymm accumulators + 2 of B: 14 of 16
 }
 #endif
 
 inline void gemm_tile_portable(const float* const* a, const float* b, std::int64_t ldb, std::int64_t n, float* c,
-                               std::int64_t ldc) {
-  gemm_tile_body<v4f, 2, 4>(a, b, ldb, n, c, ldc);  // SSE2: 2 x 4 xmm accumulators + 4 of B: 12 of 16
+                               std::int64_t ldc, bool acc) {
+  gemm_tile_body<v4f, 2, 4>(a, b, ldb, n, c, ldc, acc);  // SSE2: 2 x 4 xmm accumulators + 4 of B: 12 of 16
 }
 
 inline const GemmTiles& gemm_tiles() {
@@ -102,8 +110,91 @@ inline void gemm_rows(const GemmTiles& g, const float* const* a, const float* b,
                       std::int64_t ncols, float* c, std::int64_t ldc) {
   for (std::int64_t j = 0; j < ncols;) {
     const int nv = static_cast<int>(std::min<std::int64_t>(g.max_nv, (ncols - j) / 16));
-    g.fn[nv](a, b + j, ldb, n, c + j, ldc);
+    g.fn[nv](a, b + j, ldb, n, c + j, ldc, false);
     j += 16 * nv;
+  }
+}
+
+// A float32 buffer of n elements from a per-thread scratch vector, its start aligned to 64 bytes (a packed panel's
+// 16-float rows then never straddle two cache lines).
+template <int Slot>
+inline float* aligned_scratch(std::size_t n) {
+  std::vector<float>& v = scratch<float, Slot>(n + 16);
+  const std::uintptr_t p = reinterpret_cast<std::uintptr_t>(v.data());
+  return reinterpret_cast<float*>((p + 63) & ~std::uintptr_t(63));
+}
+
+// C (M x N, float32, ldc >= N rounded up to 16, rows up to M rounded up to the tile's rb) = A (M x n) B (n x N).
+// Packed and blocked: B is copied block by block of kc rows of its inner dimension into panels of pw = 16 * max_nv
+// columns (contiguous, 64-byte aligned, zero past N), shared by the threads; each work item (rb rows of A x a group
+// of panels) runs its tiles over the block, continuing the sums stored in C. A B read in place had rows whose
+// 16-float runs straddled cache lines unless N was a multiple of 16 (T = 100: 1.3x slower than T = 112), and was
+// streamed again per rb rows of A (CLIP's 32,157 x 397 omega is 51 MB). Where packing costs more than it saves
+// (b_in_place given: B row-major with row stride ldb), B is read in place in 16-column groups, its last N % 16
+// columns from a zero-padded (n, 16) copy: at most two row tiles (each element of B used by so few rows), or a B
+// of at most 64 Ki floats (within L2 anyway; BLM's 1000 x 16 took 1.5x longer packed at B64).
+// Fewer row tiles than threads split the columns across threads too, so every thread has work.
+//   pack_b(k0, k1, j0, dst): dst[(k - k0) * pw + j] = B[k][j0 + j] for j < pw (0 where j0 + j >= N).
+//   rows_a(m, k0, k1, buf): row m of A over [k0, k1) as float32: a pointer into A, or buf (k1 - k0 floats) filled.
+//   done(m0, nr, j0, j1): C's rows [m0, m0 + nr) x columns [j0, j1) are final (called once for each, by the thread
+//   that computed them, inside the parallel region: the caller's epilogue runs on the data still in cache).
+// Each C element is one running sum over k in order (stored and reloaded between blocks): the same bits for any
+// thread count, blocking or B source. Rows M .. round_up(M, rb) - 1 of C are written with garbage.
+template <class PackB, class RowsA, class Done>
+void gemm_blocked(const GemmTiles& g, std::int64_t M, std::int64_t N, std::int64_t n, int nt, const PackB& pack_b,
+                  const RowsA& rows_a, const Done& done, float* c, std::int64_t ldc,
+                  const float* b_in_place = nullptr, std::int64_t ldb = 0) {
+  const int rb = g.rb;
+  const std::int64_t nblk = (M + rb - 1) / rb, n16 = (N + 15) / 16 * 16;
+  const bool in_place = b_in_place != nullptr && (nblk <= 2 || n * N <= (std::int64_t(64) << 10));
+  const std::int64_t pw = in_place ? 16 : 16 * g.max_nv, np = (N + pw - 1) / pw;
+  if (n == 0 || np == 0 || nblk == 0) {
+    for (std::int64_t m = 0; m < nblk * rb; ++m) std::fill(c + m * ldc, c + m * ldc + n16, 0.0f);
+    if (M > 0 && N > 0) done(0, M, 0, N);
+    return;
+  }
+  // kc rows of the inner dimension per block: the packed block (kc x np * pw floats) about 256 KiB, within a core's
+  // L2; rb rows of A over kc (6 x 1024 floats at most) within L1
+  const std::int64_t kc = in_place ? n : std::min<std::int64_t>(n, std::max<std::int64_t>(64, std::min<std::int64_t>(
+                                                                     1024, (std::int64_t(64) << 10) / (np * pw))));
+  // panel groups per row block: enough work items for every thread when there are few rows
+  const std::int64_t ncg = nblk >= nt ? 1 : std::min<std::int64_t>(np, (nt + nblk - 1) / nblk);
+  float* packed = aligned_scratch<4>(static_cast<std::size_t>(in_place ? (N % 16 ? n * 16 : 0) : np * kc * pw));
+  if (in_place && N % 16) {  // the tail copy: the last N % 16 columns, zero-padded to 16
+    for (std::int64_t k = 0; k < n; ++k) {
+      std::memcpy(packed + k * 16, b_in_place + k * ldb + N / 16 * 16, static_cast<std::size_t>(N % 16) * 4);
+      std::fill(packed + k * 16 + N % 16, packed + k * 16 + 16, 0.0f);
+    }
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    float* stage = aligned_scratch<5>(static_cast<std::size_t>(rb * kc));
+    const float* a[8];
+    for (std::int64_t k0 = 0; k0 < n; k0 += kc) {
+      const std::int64_t k1 = std::min(n, k0 + kc);
+      if (!in_place) {
+#pragma omp for schedule(static)
+        for (std::int64_t p = 0; p < np; ++p) pack_b(k0, k1, p * pw, packed + p * kc * pw);
+      }
+#pragma omp for schedule(static)
+      for (std::int64_t item = 0; item < nblk * ncg; ++item) {
+        const std::int64_t cg = item / nblk, m0 = (item % nblk) * rb;
+        const std::int64_t nr = std::min<std::int64_t>(rb, M - m0);
+        for (std::int64_t r = 0; r < nr; ++r) a[r] = rows_a(m0 + r, k0, k1, stage + r * kc);
+        for (std::int64_t r = nr; r < rb; ++r) a[r] = a[0];  // (computed, never read back)
+        const std::int64_t p0 = cg * np / ncg, p1 = (cg + 1) * np / ncg;
+        for (std::int64_t p = p0; p < p1; ++p) {
+          float* cp = c + m0 * ldc + p * pw;
+          if (!in_place)
+            g.fn[std::min(pw, n16 - p * pw) / 16](a, packed + p * kc * pw, pw, k1 - k0, cp, ldc, k0 > 0);
+          else if ((p + 1) * 16 <= N)
+            g.fn[1](a, b_in_place + k0 * ldb + p * 16, ldb, k1 - k0, cp, ldc, k0 > 0);
+          else
+            g.fn[1](a, packed + k0 * 16, 16, k1 - k0, cp, ldc, k0 > 0);
+        }
+        if (k1 == n && p1 > p0) done(m0, nr, p0 * pw, std::min(N, p1 * pw));
+      }
+    }
   }
 }
 

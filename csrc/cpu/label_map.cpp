@@ -298,58 +298,54 @@ void index_bwd(const LabelMapParams& p) {
   }
 }
 
-// A dense (K, T) mapping: out = f(x) W as register tiles of RB rows (gemm_tile.h). Rows are read in place (float32,
-// contiguous, logits as they are) or staged as float32 and transformed (softmax inputs: the row's statistics
-// first, saved for the backward). W's full 16-column tiles are read in place; its last T % 16 columns from a
-// zero-padded (K, 16) copy, so no tile reads past W.
+// A dense (K, T) mapping: out = f(x) W as the packed, blocked register-tile GEMM of gemm_tile.h into a float32
+// (B, T) product, then stored in the output's dtype. Rows are read in place (float32, contiguous, logits as they
+// are) or converted block by block into float32 and transformed (softmax inputs: every row's statistics first, in
+// one parallel sweep, saved for the backward).
 template <int DT>
 void dense_fwd(const LabelMapParams& p) {
   const GemmTiles& gt = gemm_tiles();
-  const int RB = gt.rb;
   const void* x = reinterpret_cast<const void*>(p.x);
   const float* W = reinterpret_cast<const float*>(p.w);  // (K, T) float32 contiguous
   void* out = reinterpret_cast<void*>(p.out);
-  const std::int64_t K = p.K, T = p.T, T16 = T - T % 16, TP = T16 + (T % 16 ? 16 : 0);
-  std::vector<float>& tail = scratch<float, 0>(T % 16 ? static_cast<std::size_t>(K * 16) : 0);
-  if (T % 16) {
-    std::fill(tail.begin(), tail.end(), 0.0f);
-    for (std::int64_t k = 0; k < K; ++k)
-      std::memcpy(tail.data() + k * 16, W + k * T + T16, static_cast<std::size_t>(T % 16) * sizeof(float));
-  }
-  const bool staged = DT != F32 || p.x_sk != 1 || p.input != 0;
-  const std::int64_t nblk = (p.B + RB - 1) / RB;
-#pragma omp parallel num_threads(threads_of(p.threads))
-  {
-    std::vector<float>& rows = scratch<float, 2>(staged ? static_cast<std::size_t>(RB * K) : 0);
-    std::vector<float>& c = scratch<float, 3>(static_cast<std::size_t>(RB * TP));
-    const float* a[8];
-#pragma omp for schedule(static)
-    for (std::int64_t blk = 0; blk < nblk; ++blk) {
-      const std::int64_t b0 = blk * RB, nr = std::min<std::int64_t>(RB, p.B - b0);
-      for (std::int64_t r = 0; r < nr; ++r) {
-        const std::int64_t b = b0 + r;
-        if (!staged) {
-          a[r] = static_cast<const float*>(x) + b * p.x_sb;
-          continue;
-        }
-        float* row = rows.data() + r * K;
-        row_to_float<DT>(x, b * p.x_sb, p.x_sk, K, row);
-        if (p.input != 0) {
-          float m = 0.0f, ls = 0.0f;
-          row_stats<F32>(row, 0, 1, K, &m, &ls);
-          reinterpret_cast<float*>(p.lse)[2 * b] = m;
-          reinterpret_cast<float*>(p.lse)[2 * b + 1] = ls;
-          transform_entries(p.input, row, K, m, ls);
-        }
-        a[r] = row;
+  float* lse = reinterpret_cast<float*>(p.lse);
+  const std::int64_t B = p.B, K = p.K, T = p.T, T16 = (T + 15) / 16 * 16;
+  const int nt = threads_of(p.threads);
+  if (p.input != 0) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (std::int64_t b = 0; b < B; ++b) {
+      std::vector<float>& row = scratch<float, 2>(DT != F32 || p.x_sk != 1 ? static_cast<std::size_t>(K) : 0);
+      if (DT != F32 || p.x_sk != 1) {
+        row_to_float<DT>(x, b * p.x_sb, p.x_sk, K, row.data());
+        row_stats<F32>(row.data(), 0, 1, K, &lse[2 * b], &lse[2 * b + 1]);
+      } else {
+        row_stats<F32>(x, b * p.x_sb, 1, K, &lse[2 * b], &lse[2 * b + 1]);
       }
-      for (std::int64_t r = nr; r < RB; ++r) a[r] = a[0];  // (computed, never stored)
-      gemm_rows(gt, a, W, T, K, T16, c.data(), TP);
-      if (T % 16) gt.fn[1](a, tail.data(), 16, K, c.data() + T16, TP);
-      for (std::int64_t r = 0; r < nr; ++r)
-        for (std::int64_t t = 0; t < T; ++t) store_any(p.out_dtype, out, (b0 + r) * T + t, c[r * TP + t]);
     }
   }
+  const bool in_place = DT == F32 && p.x_sk == 1 && p.input == 0;
+  const auto rows_a = [&](std::int64_t b, std::int64_t k0, std::int64_t k1, float* buf) -> const float* {
+    if (in_place) return static_cast<const float*>(x) + b * p.x_sb + k0;
+    row_to_float<DT>(x, b * p.x_sb + k0 * p.x_sk, p.x_sk, k1 - k0, buf);
+    if (p.input != 0) transform_entries(p.input, buf, k1 - k0, lse[2 * b], lse[2 * b + 1]);
+    return buf;
+  };
+  const std::int64_t pw = 16 * gt.max_nv;
+  const auto pack_b = [&](std::int64_t k0, std::int64_t k1, std::int64_t j0, float* dst) {
+    const std::int64_t w = std::min(pw, T - j0);
+    for (std::int64_t k = k0; k < k1; ++k) {
+      float* d = dst + (k - k0) * pw;
+      std::memcpy(d, W + k * T + j0, static_cast<std::size_t>(w) * sizeof(float));
+      std::fill(d + w, d + pw, 0.0f);
+    }
+  };
+  const std::int64_t rows = (B + gt.rb - 1) / gt.rb * gt.rb;
+  std::vector<float>& c = scratch<float, 3>(static_cast<std::size_t>(rows * T16));
+  const auto store = [&](std::int64_t b0, std::int64_t nr, std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t b = b0; b < b0 + nr; ++b)
+      for (std::int64_t t = t0; t < t1; ++t) store_any(p.out_dtype, out, b * T + t, c[b * T16 + t]);
+  };
+  gemm_blocked(gt, B, T, K, nt, pack_b, rows_a, store, c.data(), T16, W, T);
 }
 
 // d x = f'(c) with c = grad W^T: register tiles of RB rows of grad (float32) against W^T, transposed once into a
