@@ -446,10 +446,11 @@ def test_label_map_dense_tiles_match_reference(T, input):
 
 
 # The packed, blocked GEMM (gemm_tile.h: gemm_blocked): K over several blocks of the inner dimension (blocks of 64
-# to 1024 sources: sums continued from C), 1 and 3 rows (fewer row tiles than threads: the panels split too), a row
+# to 1024 sources: sums continued from C), 1, 2 and 3 rows (fewer row tiles than threads: the panels split too), a row
 # count in no multiple of the tile, T in no multiple of 16; float32 in place and bf16 / strided rows converted per
 # block, softmax inputs transformed per block from the row statistics.
-@pytest.mark.parametrize("B,K,T", [(1, 700, 100), (3, 1500, 130), (29, 2100, 5), (8, 1000, 33)])
+# (the backward: dx = grad W^T, blocks of columns of K; T > 1024: several blocks of its inner dimension too)
+@pytest.mark.parametrize("B,K,T", [(1, 700, 100), (3, 1500, 130), (29, 2100, 5), (8, 1000, 33), (2, 1300, 1030)])
 @pytest.mark.parametrize("dtype,layout,input", [(torch.float32, "contiguous", "logits"),
                                                 (torch.bfloat16, "contiguous", "log_probs"),
                                                 (torch.float32, "transposed", "probs")])

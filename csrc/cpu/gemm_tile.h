@@ -124,42 +124,62 @@ inline float* aligned_scratch(std::size_t n) {
   return reinterpret_cast<float*>((p + 63) & ~std::uintptr_t(63));
 }
 
-// C (M x N, float32, ldc >= N rounded up to 16, rows up to M rounded up to the tile's rb) = A (M x n) B (n x N).
-// Packed and blocked: B is copied block by block of kc rows of its inner dimension into panels of pw = 16 * max_nv
-// columns (contiguous, 64-byte aligned, zero past N), shared by the threads; each work item (rb rows of A x a group
-// of panels) runs its tiles over the block, continuing the sums stored in C. A B read in place had rows whose
-// 16-float runs straddled cache lines unless N was a multiple of 16 (T = 100: 1.3x slower than T = 112), and was
-// streamed again per rb rows of A (CLIP's 32,157 x 397 omega is 51 MB). Where packing costs more than it saves
-// (b_in_place given: B row-major with row stride ldb), B is read in place in 16-column groups, its last N % 16
-// columns from a zero-padded (n, 16) copy: at most two row tiles (each element of B used by so few rows), or a B
-// of at most 64 Ki floats (within L2 anyway; BLM's 1000 x 16 took 1.5x longer packed at B64).
-// Fewer row tiles than threads split the columns across threads too, so every thread has work.
+// C = A (M x n) B (n x N) in float32, handed to the caller block by block. Packed and blocked: B is copied, per
+// block of nc columns and kc rows of the inner dimension (kc x nc about 256 KiB, within a core's L2), into panels of
+// pw = 16 * max_nv columns (contiguous, 64-byte aligned, zero past N) shared by the threads; each work item (rb rows
+// of A x a group of the block's panels) runs its register tiles over the block into a float32 C: per thread (rb x
+// nc) where the inner dimension is one block, else (round_up(M, rb) x nc), the sums continued from it block by
+// block. Blocks: all of B where it is small; else few columns (a label map's forward: N = T < n = K) give kc and
+// one block of columns, many (its backward: N = K > n = T) the whole inner dimension (up to 1024) and blocks of
+// columns. A B read in place had rows whose 16-float runs straddled cache lines unless N
+// was a multiple of 16 (T = 100: 1.3x slower than T = 112), and was streamed again per rb rows of A (CLIP's
+// 32,157 x 397 omega is 51 MB). Where packing costs more than it saves (b_in_place given: B row-major with row
+// stride ldb), B is read in place in 16-column groups, its last N % 16 columns from a zero-padded (n, 16) copy: at
+// most two row tiles (each element of B used by so few rows), or a B of at most 64 Ki floats (within L2 anyway;
+// BLM's 1000 x 16 took 1.5x longer packed at B64). Fewer row tiles than threads split the columns across threads
+// too, so every thread has work.
 //   pack_b(k0, k1, j0, dst): dst[(k - k0) * pw + j] = B[k][j0 + j] for j < pw (0 where j0 + j >= N).
 //   rows_a(m, k0, k1, buf): row m of A over [k0, k1) as float32: a pointer into A, or buf (k1 - k0 floats) filled.
-//   done(m0, nr, j0, j1): C's rows [m0, m0 + nr) x columns [j0, j1) are final (called once for each, by the thread
-//   that computed them, inside the parallel region: the caller's epilogue runs on the data still in cache).
+//   done(m0, nr, j0, j1, c, ldc): C's rows [m0, m0 + nr) x columns [j0, j1) are final, at c (row m0, column j0;
+//   row stride ldc; the caller may overwrite them); called once for each, inside the parallel region by the thread that computed them, so the
+//   caller's epilogue runs on data still in cache.
 // Each C element is one running sum over k in order (stored and reloaded between blocks): the same bits for any
-// thread count, blocking or B source. Rows M .. round_up(M, rb) - 1 of C are written with garbage.
+// thread count, blocking or B source.
 template <class PackB, class RowsA, class Done>
 void gemm_blocked(const GemmTiles& g, std::int64_t M, std::int64_t N, std::int64_t n, int nt, const PackB& pack_b,
-                  const RowsA& rows_a, const Done& done, float* c, std::int64_t ldc,
-                  const float* b_in_place = nullptr, std::int64_t ldb = 0) {
+                  const RowsA& rows_a, const Done& done, const float* b_in_place = nullptr, std::int64_t ldb = 0) {
   const int rb = g.rb;
   const std::int64_t nblk = (M + rb - 1) / rb, n16 = (N + 15) / 16 * 16;
-  const bool in_place = b_in_place != nullptr && (nblk <= 2 || n * N <= (std::int64_t(64) << 10));
+  if (M == 0 || N == 0) return;
+  constexpr std::int64_t kBlock = std::int64_t(64) << 10;  // floats of B per packed block
+  const bool in_place = b_in_place != nullptr && (nblk <= 2 || n * N <= kBlock);
   const std::int64_t pw = in_place ? 16 : 16 * g.max_nv, np = (N + pw - 1) / pw;
-  if (n == 0 || np == 0 || nblk == 0) {
-    for (std::int64_t m = 0; m < nblk * rb; ++m) std::fill(c + m * ldc, c + m * ldc + n16, 0.0f);
-    if (M > 0 && N > 0) done(0, M, 0, N);
+  std::int64_t kc = n, npb = np;
+  if (!in_place && n * np * pw > kBlock) {
+    if (n >= np * pw) {
+      kc = std::min<std::int64_t>(n, std::max<std::int64_t>(64, std::min<std::int64_t>(1024, kBlock / (np * pw))));
+    } else {
+      kc = std::min<std::int64_t>(n, 1024);
+      npb = std::max<std::int64_t>(1, kBlock / kc / pw);
+    }
+  }
+  const std::int64_t ldc = std::min(npb, np) * pw;
+  if (n == 0) {
+    float* z = aligned_scratch<6>(static_cast<std::size_t>(ldc));
+    for (std::int64_t m = 0; m < M; ++m)
+      for (std::int64_t j0 = 0; j0 < N; j0 += ldc) {
+        std::fill(z, z + ldc, 0.0f);  // (done may overwrite it)
+        done(m, 1, j0, std::min(N, j0 + ldc), z, ldc);
+      }
     return;
   }
-  // kc rows of the inner dimension per block: the packed block (kc x np * pw floats) about 256 KiB, within a core's
-  // L2; rb rows of A over kc (6 x 1024 floats at most) within L1
-  const std::int64_t kc = in_place ? n : std::min<std::int64_t>(n, std::max<std::int64_t>(64, std::min<std::int64_t>(
-                                                                     1024, (std::int64_t(64) << 10) / (np * pw))));
+  // (one block of the inner dimension: each item's C is final when its tiles are done, so a per-thread C, which
+  // stays in cache, serves; else C keeps every row's partial sums between blocks)
+  const bool thread_c = kc == n;
+  float* shared_c = thread_c ? nullptr : aligned_scratch<6>(static_cast<std::size_t>(nblk * rb * ldc));
   // panel groups per row block: enough work items for every thread when there are few rows
-  const std::int64_t ncg = nblk >= nt ? 1 : std::min<std::int64_t>(np, (nt + nblk - 1) / nblk);
-  float* packed = aligned_scratch<4>(static_cast<std::size_t>(in_place ? (N % 16 ? n * 16 : 0) : np * kc * pw));
+  const std::int64_t ncg = nblk >= nt ? 1 : std::min<std::int64_t>(npb, (nt + nblk - 1) / nblk);
+  float* packed = aligned_scratch<4>(static_cast<std::size_t>(in_place ? (N % 16 ? n * 16 : 0) : npb * kc * pw));
   if (in_place && N % 16) {  // the tail copy: the last N % 16 columns, zero-padded to 16
     for (std::int64_t k = 0; k < n; ++k) {
       std::memcpy(packed + k * 16, b_in_place + k * ldb + N / 16 * 16, static_cast<std::size_t>(N % 16) * 4);
@@ -169,30 +189,38 @@ void gemm_blocked(const GemmTiles& g, std::int64_t M, std::int64_t N, std::int64
 #pragma omp parallel num_threads(nt)
   {
     float* stage = aligned_scratch<5>(static_cast<std::size_t>(rb * kc));
+    float* own_c = thread_c ? aligned_scratch<7>(static_cast<std::size_t>(rb * ldc)) : nullptr;
     const float* a[8];
-    for (std::int64_t k0 = 0; k0 < n; k0 += kc) {
-      const std::int64_t k1 = std::min(n, k0 + kc);
-      if (!in_place) {
+    for (std::int64_t pb = 0; pb < np; pb += npb) {
+      const std::int64_t nbp = std::min(npb, np - pb);  // panels in this column block
+      for (std::int64_t k0 = 0; k0 < n; k0 += kc) {
+        const std::int64_t k1 = std::min(n, k0 + kc);
+        if (!in_place) {
 #pragma omp for schedule(static)
-        for (std::int64_t p = 0; p < np; ++p) pack_b(k0, k1, p * pw, packed + p * kc * pw);
-      }
-#pragma omp for schedule(static)
-      for (std::int64_t item = 0; item < nblk * ncg; ++item) {
-        const std::int64_t cg = item / nblk, m0 = (item % nblk) * rb;
-        const std::int64_t nr = std::min<std::int64_t>(rb, M - m0);
-        for (std::int64_t r = 0; r < nr; ++r) a[r] = rows_a(m0 + r, k0, k1, stage + r * kc);
-        for (std::int64_t r = nr; r < rb; ++r) a[r] = a[0];  // (computed, never read back)
-        const std::int64_t p0 = cg * np / ncg, p1 = (cg + 1) * np / ncg;
-        for (std::int64_t p = p0; p < p1; ++p) {
-          float* cp = c + m0 * ldc + p * pw;
-          if (!in_place)
-            g.fn[std::min(pw, n16 - p * pw) / 16](a, packed + p * kc * pw, pw, k1 - k0, cp, ldc, k0 > 0);
-          else if ((p + 1) * 16 <= N)
-            g.fn[1](a, b_in_place + k0 * ldb + p * 16, ldb, k1 - k0, cp, ldc, k0 > 0);
-          else
-            g.fn[1](a, packed + k0 * 16, 16, k1 - k0, cp, ldc, k0 > 0);
+          for (std::int64_t q = 0; q < nbp; ++q) pack_b(k0, k1, (pb + q) * pw, packed + q * kc * pw);
         }
-        if (k1 == n && p1 > p0) done(m0, nr, p0 * pw, std::min(N, p1 * pw));
+        const std::int64_t ng = std::min(ncg, nbp);
+#pragma omp for schedule(static)
+        for (std::int64_t item = 0; item < nblk * ng; ++item) {
+          const std::int64_t cg = item / nblk, m0 = (item % nblk) * rb;
+          const std::int64_t nr = std::min<std::int64_t>(rb, M - m0);
+          for (std::int64_t r = 0; r < nr; ++r) a[r] = rows_a(m0 + r, k0, k1, stage + r * kc);
+          for (std::int64_t r = nr; r < rb; ++r) a[r] = a[0];  // (computed, never read back)
+          const std::int64_t q0 = cg * nbp / ng, q1 = (cg + 1) * nbp / ng;
+          float* c = thread_c ? own_c : shared_c + m0 * ldc;  // (row m0 of C, column pb * pw)
+          for (std::int64_t q = q0; q < q1; ++q) {
+            const std::int64_t j = (pb + q) * pw;
+            float* cp = c + q * pw;
+            if (!in_place)
+              g.fn[std::min(pw, n16 - j) / 16](a, packed + q * kc * pw, pw, k1 - k0, cp, ldc, k0 > 0);
+            else if (j + 16 <= N)
+              g.fn[1](a, b_in_place + k0 * ldb + j, ldb, k1 - k0, cp, ldc, k0 > 0);
+            else
+              g.fn[1](a, packed + k0 * 16, 16, k1 - k0, cp, ldc, k0 > 0);
+          }
+          if (k1 == n && q1 > q0)
+            done(m0, nr, (pb + q0) * pw, std::min(N, (pb + q1) * pw), c + q0 * pw, ldc);
+        }
       }
     }
   }

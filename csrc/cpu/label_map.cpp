@@ -309,7 +309,7 @@ void dense_fwd(const LabelMapParams& p) {
   const float* W = reinterpret_cast<const float*>(p.w);  // (K, T) float32 contiguous
   void* out = reinterpret_cast<void*>(p.out);
   float* lse = reinterpret_cast<float*>(p.lse);
-  const std::int64_t B = p.B, K = p.K, T = p.T, T16 = (T + 15) / 16 * 16;
+  const std::int64_t B = p.B, K = p.K, T = p.T;
   const int nt = threads_of(p.threads);
   if (p.input != 0) {
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -339,17 +339,17 @@ void dense_fwd(const LabelMapParams& p) {
       std::fill(d + w, d + pw, 0.0f);
     }
   };
-  const std::int64_t rows = (B + gt.rb - 1) / gt.rb * gt.rb;
-  std::vector<float>& c = scratch<float, 3>(static_cast<std::size_t>(rows * T16));
-  const auto store = [&](std::int64_t b0, std::int64_t nr, std::int64_t t0, std::int64_t t1) {
-    for (std::int64_t b = b0; b < b0 + nr; ++b)
-      for (std::int64_t t = t0; t < t1; ++t) store_any(p.out_dtype, out, b * T + t, c[b * T16 + t]);
+  const auto store = [&](std::int64_t b0, std::int64_t nr, std::int64_t t0, std::int64_t t1, const float* c,
+                         std::int64_t ldc) {
+    for (std::int64_t r = 0; r < nr; ++r)
+      for (std::int64_t t = t0; t < t1; ++t) store_any(p.out_dtype, out, (b0 + r) * T + t, c[r * ldc + t - t0]);
   };
-  gemm_blocked(gt, B, T, K, nt, pack_b, rows_a, store, c.data(), T16, W, T);
+  gemm_blocked(gt, B, T, K, nt, pack_b, rows_a, store, W, T);
 }
 
-// d x = f'(c) with c = grad W^T: register tiles of RB rows of grad (float32) against W^T, transposed once into a
-// (T, K16) copy with K16 = K rounded up to 16 (zero columns past K, computed and dropped).
+// d x = f'(c) with c = grad W^T: the blocked GEMM of gemm_tile.h with A = grad (as float32) and B = W^T, packed
+// from W block by block (no whole transposed copy: CLIP's is 51 MB); the softmax gradient and the store run on
+// each finished block.
 template <int DT>
 void dense_bwd(const LabelMapParams& p) {
   const void* x = reinterpret_cast<const void*>(p.x);
@@ -366,49 +366,52 @@ void dense_bwd(const LabelMapParams& p) {
   if (p.dx) {
     void* dx = reinterpret_cast<void*>(p.dx);
     const GemmTiles& gt = gemm_tiles();
-    const int RB = gt.rb;
-    const std::int64_t K16 = (K + 15) / 16 * 16;
-    std::vector<float>& wt = scratch<float, 0>(static_cast<std::size_t>(T * K16));
-    // (blocks of 64 sources: W's rows read in order, 64-float runs of each W^T row written)
-#pragma omp parallel for schedule(static) num_threads(T * K >= (1 << 16) ? nt : 1)
-    for (std::int64_t k0 = 0; k0 < K16; k0 += 64) {
-      const std::int64_t k1 = std::min(K16, k0 + 64);
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t k = k0; k < k1; ++k) wt[t * K16 + k] = k < K ? W[k * T + t] : 0.0f;
-    }
-    std::vector<float> colsum(T, 0.0f);
-    if (p.input == 2)
-      for (std::int64_t k = 0; k < K; ++k)
-        for (std::int64_t t = 0; t < T; ++t) colsum[t] += W[k * T + t];
-    const std::int64_t nblk = (B + RB - 1) / RB;
-    advise_huge(dx, B * K * (DT == F32 ? 4 : 2));
-#pragma omp parallel num_threads(nt)
-    {
-      std::vector<float>& c = scratch<float, 2>(static_cast<std::size_t>(RB * K16));
-      std::vector<float>& xrow = scratch<float, 3>(p.input != 0 ? static_cast<std::size_t>(K) : 0);
-      const float* a[8];
-#pragma omp for schedule(static)
-      for (std::int64_t blk = 0; blk < nblk; ++blk) {
-        const std::int64_t b0 = blk * RB, nr = std::min<std::int64_t>(RB, B - b0);
-        for (std::int64_t r = 0; r < RB; ++r) a[r] = gf.data() + (b0 + (r < nr ? r : 0)) * T;
-        gemm_rows(gt, a, wt.data(), K16, T, K16, c.data(), K16);
-        for (std::int64_t r = 0; r < nr; ++r) {
-          const std::int64_t b = b0 + r;
-          float* cr = c.data() + r * K16;
-          if (p.input != 0) {
-            const float* gb = gf.data() + b * T;
-            float S = 0.0f;
-            for (std::int64_t t = 0; t < T; ++t) S += gb[t] * (p.input == 1 ? saved[b * T + t] : colsum[t]);
-            row_to_float<DT>(x, b * p.x_sb, p.x_sk, K, xrow.data());
-            softmax_grads(p.input, xrow.data(), cr, cr, K, lse[2 * b], lse[2 * b + 1], S);
-          }
-          if (DT == F32)
-            std::memcpy(static_cast<float*>(dx) + b * K, cr, static_cast<std::size_t>(K) * 4);
-          else
-            row_from_float<DT>(cr, K, dx, b * K);
-        }
+    // S_b = sum_t grad_bt d out_bt / d f: the saved probabilities' weights (probs), W's column sums (log_probs)
+    std::vector<float> S(p.input != 0 ? B : 0, 0.0f);
+    if (p.input != 0) {
+      std::vector<float> colsum(T, 0.0f);
+      if (p.input == 2)
+        for (std::int64_t k = 0; k < K; ++k)
+          for (std::int64_t t = 0; t < T; ++t) colsum[t] += W[k * T + t];
+      for (std::int64_t b = 0; b < B; ++b) {
+        const float* gb = gf.data() + b * T;
+        float s = 0.0f;
+        for (std::int64_t t = 0; t < T; ++t) s += gb[t] * (p.input == 1 ? saved[b * T + t] : colsum[t]);
+        S[b] = s;
       }
     }
+    const std::int64_t pw = 16 * gt.max_nv;
+    const auto pack_wt = [&](std::int64_t t0, std::int64_t t1, std::int64_t k0, float* dst) {
+      for (std::int64_t j = 0; j < pw; ++j) {
+        const float* wk = W + (k0 + j) * T;
+        if (k0 + j < K)
+          for (std::int64_t t = t0; t < t1; ++t) dst[(t - t0) * pw + j] = wk[t];
+        else
+          for (std::int64_t t = t0; t < t1; ++t) dst[(t - t0) * pw + j] = 0.0f;
+      }
+    };
+    const auto rows_grad = [&](std::int64_t b, std::int64_t t0, std::int64_t, float*) -> const float* {
+      return gf.data() + b * T + t0;
+    };
+    const auto finish = [&](std::int64_t b0, std::int64_t nr, std::int64_t k0, std::int64_t k1, float* c,
+                            std::int64_t ldc) {
+      const std::int64_t w = k1 - k0;
+      float* xs = scratch<float, 3>(p.input != 0 ? static_cast<std::size_t>(w) : 0).data();
+      for (std::int64_t r = 0; r < nr; ++r) {
+        const std::int64_t b = b0 + r;
+        float* cr = c + r * ldc;
+        if (p.input != 0) {
+          row_to_float<DT>(x, b * p.x_sb + k0 * p.x_sk, p.x_sk, w, xs);
+          softmax_grads(p.input, xs, cr, cr, w, lse[2 * b], lse[2 * b + 1], S[b]);
+        }
+        if (DT == F32)
+          std::memcpy(static_cast<float*>(dx) + b * K + k0, cr, static_cast<std::size_t>(w) * 4);
+        else
+          row_from_float<DT>(cr, w, dx, b * K + k0);
+      }
+    };
+    advise_huge(dx, B * K * (DT == F32 ? 4 : 2));
+    gemm_blocked(gt, B, K, T, nt, pack_wt, rows_grad, finish);
   }
   if (p.dw) {
     void* dw = reinterpret_cast<void*>(p.dw);
