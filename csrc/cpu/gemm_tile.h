@@ -85,11 +85,24 @@ inline void gemm_tile_portable(const float* const* a, const float* b, std::int64
   gemm_tile_body<v4f, 2, 4>(a, b, ldb, n, c, ldc, acc);  // SSE2: 2 x 4 xmm accumulators + 4 of B: 12 of 16
 }
 
+// The portable tiles 16 * NV columns wide: a tile set with the AVX-512 one's panel width (64 columns), so the
+// tests run that width's packing and partial panels on any CPU (REPROKERNELS_CPU_PORTABLE_TILES=wide).
+template <int NV>
+void gemm_tile_portable_wide(const float* const* a, const float* b, std::int64_t ldb, std::int64_t n, float* c,
+                             std::int64_t ldc, bool acc) {
+  gemm_tile_body<v4f, 2, 4 * NV>(a, b, ldb, n, c, ldc, acc);
+}
+
 inline const GemmTiles& gemm_tiles() {
   static const GemmTiles tiles = [] {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-    // (REPROKERNELS_CPU_PORTABLE_TILES=1: the baseline tiles on any CPU, so tests reach them on a vector machine)
+    // (REPROKERNELS_CPU_PORTABLE_TILES=1: the baseline tiles on any CPU, so tests reach them on a vector machine;
+    // =wide: the same 64 columns wide)
     const char* portable = std::getenv("REPROKERNELS_CPU_PORTABLE_TILES");
+    if (portable && std::strcmp(portable, "wide") == 0)
+      return GemmTiles{2, 4,
+                       {nullptr, &gemm_tile_portable_wide<1>, &gemm_tile_portable_wide<2>,
+                        &gemm_tile_portable_wide<3>, &gemm_tile_portable_wide<4>}};
     if (portable && portable[0] && std::strcmp(portable, "0") != 0)
       return GemmTiles{2, 1, {nullptr, &gemm_tile_portable, nullptr, nullptr, nullptr}};
     __builtin_cpu_init();
@@ -103,16 +116,6 @@ inline const GemmTiles& gemm_tiles() {
     return GemmTiles{2, 1, {nullptr, &gemm_tile_portable, nullptr, nullptr, nullptr}};
   }();
   return tiles;
-}
-
-// C (rb x ncols) for the tiles' rb rows of A: ncols a multiple of 16, B's columns [0, ncols) readable.
-inline void gemm_rows(const GemmTiles& g, const float* const* a, const float* b, std::int64_t ldb, std::int64_t n,
-                      std::int64_t ncols, float* c, std::int64_t ldc) {
-  for (std::int64_t j = 0; j < ncols;) {
-    const int nv = static_cast<int>(std::min<std::int64_t>(g.max_nv, (ncols - j) / 16));
-    g.fn[nv](a, b + j, ldb, n, c + j, ldc, false);
-    j += 16 * nv;
-  }
 }
 
 // A float32 buffer of n elements from a per-thread scratch vector, its start aligned to 64 bytes (a packed panel's
