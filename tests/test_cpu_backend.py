@@ -510,6 +510,27 @@ def test_auto_runs_skinny_dense_maps_of_many_logits_on_the_cpu_kernel():
         assert spy.call_count == 1
 
 
+def test_auto_runs_dense_maps_of_very_many_logits_with_a_gradient_on_the_cpu_kernel(monkeypatch):
+    """dense_serves' second rule: any number of targets where the logits get a gradient and are very many (the
+    threshold lowered here, so the test stays small); without a gradient the reference serves."""
+    import unittest.mock as um
+
+    from reprokernels.cpu import label_map as clm
+    monkeypatch.setattr(clm, "DENSE_GRAD_MIN_LOGITS", 64 * 50)
+    x = torch.randn(50, 64, requires_grad=True)
+    w = torch.rand(64, 40)  # (more targets than the first rule takes)
+    g = torch.randn(50, 40)
+    with um.patch.object(clm, "label_map_backward", wraps=clm.label_map_backward) as spy:
+        (dx,) = torch.autograd.grad(rk.label_map(x, w, input="log_probs"), x, g)
+        assert spy.call_count == 1
+        (want,) = torch.autograd.grad(rk.label_map(x, w, input="log_probs", backend="reference"), x, g)
+        assert_close(dx, want, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            rk.label_map(x, w)  # no gradient: the reference
+        rk.label_map(x[:-1], w).sum().backward()  # fewer logits
+        assert spy.call_count == 1
+
+
 def test_use_backend_overrides_the_eager_shortcuts():
     """use_backend(name) makes auto mean name: neither label_map's column gather nor its dense size rule runs."""
     import unittest.mock as um

@@ -42,17 +42,25 @@ def supports(case: tuple) -> str:
     return ""
 
 
-# Dense mappings: the kernel's register tiles (csrc/cpu/gemm_tile.h) against torch's BLAS GEMM (MKL; 2 threads of
-# an AMD EPYC with AVX2, interleaved medians, 2026-12-06): 1.4-2.3x forward and 1.3-2.3x forward + backward at
-# B256 x 1000 for T = 2..16 targets, 0.9x at T = 24 and 0.74x at T = 100 (the GEMM is compute-bound there and MKL's
-# tiles are better), and slower below ~64K logits, where the launch's fixed cost (~15 us) is more than the GEMM.
+# Dense mappings: the kernel's packed, blocked register-tile GEMM (csrc/cpu/gemm_tile.h) against torch's BLAS GEMM
+# (MKL; 2 threads of an AMD EPYC with AVX2, interleaved medians, 2026-12-06):
+# - few targets: 1.4-2.3x forward and 1.3-2.3x forward + backward at B256 x 1000 for T = 2..16 targets, slower
+#   below ~64K logits, where the launch's fixed cost (~15 us) is more than the GEMM;
+# - more targets: the kernel alone is as fast as MKL (T = 100..400, B256), but the launch costs ~50 us more than the
+#   reference's plain matmul, 0.73-0.88x at B256 x 1000 for T = 24..400;
+# - many logits with a gradient (training a mapping of a large vocabulary): its d logits (grad W^T, B packed from W
+#   per block) beats MKL's transposed product where B x K is large: forward + backward 1.04-1.34x at 4M logits and
+#   more (B256 x 16000 x 50 ... 200, B128-256 x 32157 x 100 ... 397, B512 x 8192 x 64; float32, float16, bfloat16),
+#   0.82-1.0x at 1-2M (B32-64 x 32157, B256 x 4000-8000).
 DENSE_MAX_TARGETS = 16
 DENSE_MIN_LOGITS = 1 << 17
+DENSE_GRAD_MIN_LOGITS = 1 << 22
 
 
-def dense_serves(B: int, K: int, T: int) -> bool:
-    """Whether auto, in eager mode, runs a (B, K) x (K, T) dense mapping on this backend rather than the BLAS."""
-    return T <= DENSE_MAX_TARGETS and B * K >= DENSE_MIN_LOGITS
+def dense_serves(B: int, K: int, T: int, needs_grad: bool = False) -> bool:
+    """Whether auto, in eager mode, runs a (B, K) x (K, T) dense mapping on this backend rather than the BLAS;
+    ``needs_grad``: the logits will get a gradient (autograd records the call)."""
+    return (T <= DENSE_MAX_TARGETS and B * K >= DENSE_MIN_LOGITS) or (needs_grad and B * K >= DENSE_GRAD_MIN_LOGITS)
 
 
 def _set_index_mapping(p, mapping: torch.Tensor, reduce: str) -> torch.Tensor:

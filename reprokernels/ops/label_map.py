@@ -182,11 +182,13 @@ def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: s
 
 def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
     """auto in eager mode, a dense mapping that auto's case rule leaves to the reference: whether the cpu kernel
-    is faster here (``cpu.label_map.dense_serves``: few targets, many logits; a size rule, so it cannot live in
-    the case, which holds no sizes and is what torch.compile guards on). A learnable mapping keeps the reference,
-    whose d mapping is a BLAS GEMM; so does a forward-AD dual level (plain autograd has the jvp, the op has none)."""
+    is faster here (``cpu.label_map.dense_serves``: few targets and many logits, or a gradient of very many
+    logits; a size rule, so it cannot live in the case, which holds no sizes and is what torch.compile guards
+    on). A learnable mapping keeps the reference, whose d mapping is a BLAS GEMM; so does a forward-AD dual level
+    (plain autograd has the jvp, the op has none)."""
     # (the caller has checked that mapping is dense and flat a CPU tensor)
-    return (_cpu_label_map.dense_serves(flat.shape[0], flat.shape[1], mapping.shape[1])
+    needs_grad = flat.requires_grad and torch.is_grad_enabled()
+    return (_cpu_label_map.dense_serves(flat.shape[0], flat.shape[1], mapping.shape[1], needs_grad)
             and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES and not in_forward_ad()
             and _cpu.available())
 
