@@ -127,25 +127,25 @@ inline float* aligned_scratch(std::size_t n) {
   return reinterpret_cast<float*>((p + 63) & ~std::uintptr_t(63));
 }
 
-// C = A (M x n) B (n x N) in float32, handed to the caller block by block. Packed and blocked: B is copied, per
-// block of nc columns and kc rows of the inner dimension (kc x nc about 256 KiB, within a core's L2), into panels of
-// pw = 16 * max_nv columns (contiguous, 64-byte aligned, zero past N) shared by the threads; each work item (rb rows
-// of A x a group of the block's panels) runs its register tiles over the block into a float32 C: per thread (rb x
-// nc) where the inner dimension is one block, else (round_up(M, rb) x nc), the sums continued from it block by
-// block. Blocks: all of B where it is small; else few columns (a label map's forward: N = T < n = K) give kc and
-// one block of columns, many (its backward: N = K > n = T) the whole inner dimension (up to 1024) and blocks of
-// columns. A B read in place had rows whose 16-float runs straddled cache lines unless N
-// was a multiple of 16 (T = 100: 1.3x slower than T = 112), and was streamed again per rb rows of A (CLIP's
-// 32,157 x 397 omega is 51 MB). Where packing costs more than it saves (b_in_place given: B row-major with row
-// stride ldb), B is read in place in 16-column groups, its last N % 16 columns from a zero-padded (n, 16) copy: at
-// most two row tiles (each element of B used by so few rows), or a B of at most 64 Ki floats (within L2 anyway;
-// BLM's 1000 x 16 took 1.5x longer packed at B64). Fewer row tiles than threads split the columns across threads
-// too, so every thread has work.
+// C = A (M x n) B (n x N) in float32, handed to the caller block by block.
+// Packed and blocked: B is copied, per block of nc columns and kc rows of the inner dimension (kc x nc about
+// 256 KiB, within a core's L2), into panels of pw = 16 * max_nv columns (contiguous, 64-byte aligned, zero past N)
+// shared by the threads. Each work item (rb rows of A x a group of the block's panels) runs its register tiles over
+// the block into a float32 C: per thread (rb x nc) where the inner dimension is one block, else (round_up(M, rb) x
+// nc), the sums continued from it block by block. Blocks: all of B where it is small; else few columns (a label
+// map's forward: N = T < n = K) give kc and one block of columns, many (its backward: N = K > n = T) the whole
+// inner dimension (up to 1024) and blocks of columns. A B read in place had rows whose 16-float runs straddled
+// cache lines unless N was a multiple of 16 (T = 100: 1.3x slower than T = 112), and was streamed again per rb
+// rows of A (CLIP's 32,157 x 397 omega is 51 MB).
+// Where packing costs more than it saves (b_in_place given: B row-major with row stride ldb), B is read in place
+// in 16-column groups, its last N % 16 columns from a zero-padded (n, 16) copy: at most two row tiles (each element
+// of B used by so few rows), or a B of at most 64 Ki floats (within L2 anyway; BLM's 1000 x 16 took 1.5x longer
+// packed at B64). Fewer row tiles than threads split the columns across threads too, so every thread has work.
 //   pack_b(k0, k1, j0, dst): dst[(k - k0) * pw + j] = B[k][j0 + j] for j < pw (0 where j0 + j >= N).
 //   rows_a(m, k0, k1, buf): row m of A over [k0, k1) as float32: a pointer into A, or buf (k1 - k0 floats) filled.
 //   done(m0, nr, j0, j1, c, ldc): C's rows [m0, m0 + nr) x columns [j0, j1) are final, at c (row m0, column j0;
-//   row stride ldc; the caller may overwrite them); called once for each, inside the parallel region by the thread that computed them, so the
-//   caller's epilogue runs on data still in cache.
+//   row stride ldc; the caller may overwrite them). Called once for each, inside the parallel region, by the
+//   thread that computed them: the caller's epilogue runs on data still in cache.
 // Each C element is one running sum over k in order (stored and reloaded between blocks): the same bits for any
 // thread count, blocking or B source.
 template <class PackB, class RowsA, class Done>

@@ -240,8 +240,10 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
             f"mapping_dtype={m2.dtype}", f"input={input}"))
         plain = chosen == "reference" and backend == "auto" and plain_eager(flat, m2)
     if plain:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
-        if input == "logits" and flat.dtype == m2.dtype == torch.float32:
-            out = flat @ m2  # label_map_values without its three no-op dtype conversions (as many us as a B8 GEMM)
+        if input == "logits" and m2.dtype == torch.float32 and flat.dtype in KERNEL_DTYPES:
+            # label_map_values without its calls that change nothing here (as many us as a B8 GEMM): the eager
+            # chain's own float32 GEMM, the conversions no-ops for float32 logits
+            out = (flat.float() @ m2).to(flat.dtype)
         else:
             out = label_map_values(flat, m2, reduce, input)
         return _restore_lead(out, logits)
