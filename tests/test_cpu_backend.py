@@ -465,6 +465,16 @@ def test_label_map_dense_blocked_gemm_matches_reference(B, K, T, dtype, layout, 
     _compare(fn, [x, mapping], dtype, scale=4)
 
 
+def test_label_map_dense_blocked_gemm_with_a_call_local_partial_sum_buffer():
+    """More than 8 MiB of partial sums (rows x padded targets, kept between blocks of K): the call's own buffer."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2100, 1100, generator=g)
+    w = torch.randn(1100, 1030, generator=g) / 33
+    got = rk.label_map(x, w, backend="cpu")
+    assert_close(got, rk.label_map(x, w, backend="reference"), rtol=1e-4, atol=1e-4)
+    _bitwise_same_1_vs_2(lambda: [rk.label_map(x, w, backend="cpu")])
+
+
 @pytest.mark.parametrize("tiles", ["1", "wide"])
 def test_label_map_dense_portable_tiles_match_reference(tiles):
     """The baseline (SSE2) tiles, forced in a fresh process: what a CPU without AVX2 runs; "wide": the same tiles 64

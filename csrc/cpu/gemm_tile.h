@@ -179,7 +179,11 @@ void gemm_blocked(const GemmTiles& g, std::int64_t M, std::int64_t N, std::int64
   // (one block of the inner dimension: each item's C is final when its tiles are done, so a per-thread C, which
   // stays in cache, serves; else C keeps every row's partial sums between blocks)
   const bool thread_c = kc == n;
-  float* shared_c = thread_c ? nullptr : aligned_scratch<6>(static_cast<std::size_t>(nblk * rb * ldc));
+  // (a shared C above 8 MiB, a forward over very many rows, is the call's own: a per-thread scratch keeps its
+  // capacity for the life of the thread)
+  const std::size_t c_size = thread_c ? 0 : static_cast<std::size_t>(nblk * rb * ldc);
+  std::vector<float> own_shared_c(c_size > (std::size_t(1) << 21) ? c_size : 0);
+  float* shared_c = thread_c ? nullptr : own_shared_c.empty() ? aligned_scratch<6>(c_size) : own_shared_c.data();
   // panel groups per row block: enough work items for every thread when there are few rows
   const std::int64_t ncg = nblk >= nt ? 1 : std::min<std::int64_t>(npb, (nt + nblk - 1) / nblk);
   float* packed = aligned_scratch<4>(static_cast<std::size_t>(in_place ? (N % 16 ? n * 16 : 0) : npb * kc * pw));
