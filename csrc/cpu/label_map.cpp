@@ -323,9 +323,9 @@ void dense_fwd(const LabelMapParams& p) {
       }
     }
   }
-  const bool in_place = DT == F32 && p.x_sk == 1 && p.input == 0;
+  const bool rows_in_place = DT == F32 && p.x_sk == 1 && p.input == 0;
   const auto rows_a = [&](std::int64_t b, std::int64_t k0, std::int64_t k1, float* buf) -> const float* {
-    if (in_place) return static_cast<const float*>(x) + b * p.x_sb + k0;
+    if (rows_in_place) return static_cast<const float*>(x) + b * p.x_sb + k0;
     row_to_float<DT>(x, b * p.x_sb + k0 * p.x_sk, p.x_sk, k1 - k0, buf);
     if (p.input != 0) transform_entries(p.input, buf, k1 - k0, lse[2 * b], lse[2 * b + 1]);
     return buf;
@@ -383,9 +383,8 @@ void dense_bwd(const LabelMapParams& p) {
     const std::int64_t pw = 16 * gt.max_nv;
     const auto pack_wt = [&](std::int64_t t0, std::int64_t t1, std::int64_t k0, float* dst) {
       for (std::int64_t j = 0; j < pw; ++j) {
-        const float* wk = W + (k0 + j) * T;
         if (k0 + j < K)
-          for (std::int64_t t = t0; t < t1; ++t) dst[(t - t0) * pw + j] = wk[t];
+          for (std::int64_t t = t0; t < t1; ++t) dst[(t - t0) * pw + j] = W[(k0 + j) * T + t];
         else
           for (std::int64_t t = t0; t < t1; ++t) dst[(t - t0) * pw + j] = 0.0f;
       }
