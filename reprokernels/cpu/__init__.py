@@ -41,5 +41,5 @@ def float_code(t: torch.Tensor, name: str) -> int:
 
 def check_cpu(**tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
-        if t is not None and t.device.type != "cpu":
+        if t is not None and not t.is_cpu:  # (no torch.device object built)
             raise BackendUnavailableError(f"{name}: the cpu backend needs CPU tensors, got a tensor on {t.device}")

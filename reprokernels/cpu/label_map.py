@@ -85,6 +85,14 @@ def _params(logits: torch.Tensor, input: str):
     return p
 
 
+def _dense_weights(mapping: torch.Tensor) -> torch.Tensor:
+    """The (K, T) weights as the kernels read them: float32, contiguous (a float32 contiguous map as it is, without
+    the two no-op conversion calls: ~3 us a call on the AVX2 host)."""
+    if mapping.dtype == torch.float32 and mapping.is_contiguous():
+        return mapping
+    return mapping.to(torch.float32).contiguous()
+
+
 def _index(mapping: torch.Tensor) -> torch.Tensor:
     return mapping if mapping.dtype in INDEX_CODES else mapping.to(torch.int64)
 
@@ -109,7 +117,7 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
     p.out = out.data_ptr()
     p.lse = lse.data_ptr() if input != "logits" else 0
     if dense:
-        w = mapping.to(torch.float32).contiguous()
+        w = _dense_weights(mapping)
         p.w = w.data_ptr()
         p.out_dtype = DTYPE_CODES[odt]
         _cpu.run("label_map_dense_fwd", p)
@@ -151,7 +159,7 @@ def label_map_backward(grad: torch.Tensor, logits: torch.Tensor, mapping: torch.
     if dense:
         dw_dtype = mapping.dtype if mapping.dtype in DTYPE_CODES else torch.float32
         dw = empty_output((K, T), dw_dtype, logits.device) if need_mapping else None
-        w = mapping.to(torch.float32).contiguous()
+        w = _dense_weights(mapping)
         p.w = w.data_ptr()
         p.dx = dx.data_ptr() if dx is not None else 0
         p.dw = dw.data_ptr() if dw is not None else 0
