@@ -517,6 +517,9 @@ def test_auto_runs_skinny_dense_maps_of_many_logits_on_the_cpu_kernel():
         rk.label_map(big[:-1], w)  # fewer logits
         rk.label_map(big, w.clone().requires_grad_())  # a learnable map: d mapping is the GEMM's
         rk.label_map(big.double(), w)  # float64: the reference's
+        rows = clm.DENSE_MIN_ROWS - 1
+        cols = clm.DENSE_MIN_LOGITS // rows + 1
+        rk.label_map(torch.randn(rows, cols), torch.rand(cols, 3))  # few rows (of enough logits)
         assert spy.call_count == 1
 
 
@@ -527,6 +530,7 @@ def test_auto_runs_dense_maps_of_very_many_logits_with_a_gradient_on_the_cpu_ker
 
     from reprokernels.cpu import label_map as clm
     monkeypatch.setattr(clm, "DENSE_GRAD_MIN_LOGITS", 64 * 50)
+    monkeypatch.setattr(clm, "DENSE_GRAD_MIN_ROWS", 49)
     x = torch.randn(50, 64, requires_grad=True)
     w = torch.rand(64, 40)  # (more targets than the first rule takes)
     g = torch.randn(50, 40)
@@ -538,6 +542,8 @@ def test_auto_runs_dense_maps_of_very_many_logits_with_a_gradient_on_the_cpu_ker
         with torch.no_grad():
             rk.label_map(x, w)  # no gradient: the reference
         rk.label_map(x[:-1], w).sum().backward()  # fewer logits
+        monkeypatch.setattr(clm, "DENSE_GRAD_MIN_ROWS", 51)
+        rk.label_map(x, w).sum().backward()  # fewer rows
         assert spy.call_count == 1
 
 

@@ -52,15 +52,22 @@ def supports(case: tuple) -> str:
 #   per block) beats MKL's transposed product where B x K is large: forward + backward 1.04-1.34x at 4M logits and
 #   more (B256 x 16000 x 50 ... 200, B128-256 x 32157 x 100 ... 397, B512 x 8192 x 64; float32, float16, bfloat16),
 #   0.82-1.0x at 1-2M (B32-64 x 32157, B256 x 4000-8000).
+# - few rows: the 6-row tiles leave threads idle and compute rows that are dropped, so both rules need rows. With
+#   T = 10: B >= 32 1.5-2.6x forward and 0.96-1.38x forward + backward (B32-256, K 512-8192); B <= 16 0.46-0.84x
+#   forward (B2 x 128256, B8 x 32768) or 0.52-0.75x forward + backward. With a gradient of 4M+ logits: B64 x 65536 x
+#   100 0.81x, B32 x 131072 x 50 0.77x, B128-512 the wins above.
 DENSE_MAX_TARGETS = 16
 DENSE_MIN_LOGITS = 1 << 17
+DENSE_MIN_ROWS = 32
 DENSE_GRAD_MIN_LOGITS = 4_000_000  # (B256 x 16000 = 4,096,000 measured faster; 2.06M slower)
+DENSE_GRAD_MIN_ROWS = 128
 
 
 def dense_serves(B: int, K: int, T: int, needs_grad: bool = False) -> bool:
     """Whether auto, in eager mode, runs a (B, K) x (K, T) dense mapping on this backend rather than the BLAS;
     ``needs_grad``: the logits will get a gradient (autograd records the call)."""
-    return (T <= DENSE_MAX_TARGETS and B * K >= DENSE_MIN_LOGITS) or (needs_grad and B * K >= DENSE_GRAD_MIN_LOGITS)
+    return ((T <= DENSE_MAX_TARGETS and B >= DENSE_MIN_ROWS and B * K >= DENSE_MIN_LOGITS)
+            or (needs_grad and B >= DENSE_GRAD_MIN_ROWS and B * K >= DENSE_GRAD_MIN_LOGITS))
 
 
 def _set_index_mapping(p, mapping: torch.Tensor, reduce: str) -> torch.Tensor:
