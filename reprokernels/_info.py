@@ -41,7 +41,8 @@ AUTO_ROUTES = {
     "label_map": (
         "CPU, eager mode: a one-to-one map of logits with every source real runs as torch.index_select; index "
         "maps otherwise: cpu; dense maps: cpu for a fixed map of at most 16 targets over at least 32 rows and 2**17 "
-        "logits, or of any width over at least 128 rows and 4,000,000 logits that get a gradient (its blocked "
+        "logits (softmax inputs: rows of at most 4096), or of any width over at least 128 rows and 4,000,000 "
+        "logits that get a gradient (its blocked "
         "register-tile GEMM beats the BLAS there), else the reference as plain PyTorch (a BLAS GEMM). "
         "Compiled or traced: the registered op (cpu for index maps, reference for dense)"),
     "visual_prompt": "CPU: cpu unless resize is asked (the reference, as plain PyTorch in eager mode)",

@@ -520,7 +520,11 @@ def test_auto_runs_skinny_dense_maps_of_many_logits_on_the_cpu_kernel():
         rows = clm.DENSE_MIN_ROWS - 1
         cols = clm.DENSE_MIN_LOGITS // rows + 1
         rk.label_map(torch.randn(rows, cols), torch.rand(cols, 3))  # few rows (of enough logits)
+        long_rows = torch.randn(clm.DENSE_MIN_ROWS, clm.DENSE_SOFTMAX_MAX_SOURCES + 1)
+        rk.label_map(long_rows, torch.rand(long_rows.shape[1], 3), input="probs")  # softmax input, long rows
         assert spy.call_count == 1
+        rk.label_map(long_rows, torch.rand(long_rows.shape[1], 3))  # the same rows as logits: the kernel
+        assert spy.call_count == 2
 
 
 def test_auto_runs_dense_maps_of_very_many_logits_with_a_gradient_on_the_cpu_kernel(monkeypatch):

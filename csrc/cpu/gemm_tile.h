@@ -139,8 +139,10 @@ inline float* aligned_scratch(std::size_t n) {
 // rows of A (CLIP's 32,157 x 397 omega is 51 MB).
 // Where packing costs more than it saves (b_in_place given: B row-major with row stride ldb), B is read in place
 // in 16-column groups, its last N % 16 columns from a zero-padded (n, 16) copy: at most two row tiles (each element
-// of B used by so few rows), or a B of at most 64 Ki floats (within L2 anyway; BLM's 1000 x 16 took 1.5x longer
-// packed at B64). Fewer row tiles than threads split the columns across threads too, so every thread has work.
+// of B used by so few rows), a B of at most 64 Ki floats (within L2 anyway; BLM's 1000 x 16 took 1.5x longer
+// packed at B64), or one 16-column group (the tail copy is then all of B, packed once: blocks of K would only add
+// a serial pack and two barriers per block; 64 x 32157 x 16 with softmax inputs was 1.2x slower blocked). Fewer row
+// tiles than threads split the columns across threads too, so every thread has work.
 //   pack_b(k0, k1, j0, dst): dst[(k - k0) * pw + j] = B[k][j0 + j] for j < pw (0 where j0 + j >= N).
 //   rows_a(m, k0, k1, buf): row m of A over [k0, k1) as float32: a pointer into A, or buf (k1 - k0 floats) filled.
 //   done(m0, nr, j0, j1, c, ldc): C's rows [m0, m0 + nr) x columns [j0, j1) are final, at c (row m0, column j0;
@@ -155,7 +157,7 @@ void gemm_blocked(const GemmTiles& g, std::int64_t M, std::int64_t N, std::int64
   const std::int64_t nblk = (M + rb - 1) / rb, n16 = (N + 15) / 16 * 16;
   if (M == 0 || N == 0) return;
   constexpr std::int64_t kBlock = std::int64_t(64) << 10;  // floats of B per packed block
-  const bool in_place = b_in_place != nullptr && (nblk <= 2 || n * N <= kBlock);
+  const bool in_place = b_in_place != nullptr && (nblk <= 2 || n * N <= kBlock || N <= 16);
   const std::int64_t pw = in_place ? 16 : 16 * g.max_nv, np = (N + pw - 1) / pw;
   std::int64_t kc = n, npb = np;
   if (!in_place && n * np * pw > kBlock) {

@@ -56,16 +56,22 @@ def supports(case: tuple) -> str:
 #   T = 10: B >= 32 1.5-2.6x forward and 0.96-1.38x forward + backward (B32-256, K 512-8192); B <= 16 0.46-0.84x
 #   forward (B2 x 128256, B8 x 32768) or 0.52-0.75x forward + backward. With a gradient of 4M+ logits: B64 x 65536 x
 #   100 0.81x, B32 x 131072 x 50 0.77x, B128-512 the wins above.
+# - softmax inputs (probs, log_probs): the kernel's exp per logit against torch's softmax, so rows must be short:
+#   1.17-1.57x torch's softmax @ W at K = 1000-4000 (B256, T 7-10), 0.70-1.0x at K = 32157 (B64, T 16).
 DENSE_MAX_TARGETS = 16
 DENSE_MIN_LOGITS = 1 << 17
 DENSE_MIN_ROWS = 32
 DENSE_GRAD_MIN_LOGITS = 4_000_000  # (B256 x 16000 = 4,096,000 measured faster; 2.06M slower)
 DENSE_GRAD_MIN_ROWS = 128
+DENSE_SOFTMAX_MAX_SOURCES = 4096
 
 
-def dense_serves(B: int, K: int, T: int, needs_grad: bool = False) -> bool:
+def dense_serves(B: int, K: int, T: int, needs_grad: bool = False, softmax_input: bool = False) -> bool:
     """Whether auto, in eager mode, runs a (B, K) x (K, T) dense mapping on this backend rather than the BLAS;
-    ``needs_grad``: the logits will get a gradient (autograd records the call)."""
+    ``needs_grad``: the logits will get a gradient (autograd records the call); ``softmax_input``: probs or
+    log_probs."""
+    if softmax_input and K > DENSE_SOFTMAX_MAX_SOURCES:
+        return False
     return ((T <= DENSE_MAX_TARGETS and B >= DENSE_MIN_ROWS and B * K >= DENSE_MIN_LOGITS)
             or (needs_grad and B >= DENSE_GRAD_MIN_ROWS and B * K >= DENSE_GRAD_MIN_LOGITS))
 

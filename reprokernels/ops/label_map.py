@@ -180,7 +180,7 @@ def _column_gather(logits: torch.Tensor, mapping: object, input: str, backend: s
     return _restore_lead(out, logits)
 
 
-def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
+def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor, input: str) -> bool:
     """auto in eager mode, a dense mapping that auto's case rule leaves to the reference: whether the cpu kernel
     is faster here (``cpu.label_map.dense_serves``: few targets and many logits, or a gradient of very many
     logits; a size rule, so it cannot live in the case, which holds no sizes and is what torch.compile guards
@@ -188,7 +188,7 @@ def _dense_kernel_serves(flat: torch.Tensor, mapping: torch.Tensor) -> bool:
     (plain autograd has the jvp, the op has none)."""
     # (the caller has checked that mapping is dense and flat a CPU tensor)
     needs_grad = flat.requires_grad and torch.is_grad_enabled()
-    return (_cpu_label_map.dense_serves(flat.shape[0], flat.shape[1], mapping.shape[1], needs_grad)
+    return (_cpu_label_map.dense_serves(flat.shape[0], flat.shape[1], mapping.shape[1], needs_grad, input != "logits")
             and not mapping.requires_grad and flat.dtype in KERNEL_DTYPES and not in_forward_ad()
             and _cpu.available())
 
@@ -232,7 +232,7 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
             and plain_eager(flat, m2)):
         # a dense map on CPU in eager mode: auto's case rule keeps the reference (a BLAS GEMM) unless the size rule
         # (_dense_kernel_serves) finds the cpu kernel faster
-        chosen = "cpu" if _dense_kernel_serves(flat, m2) else "reference"
+        chosen = "cpu" if _dense_kernel_serves(flat, m2, input) else "reference"
         plain = chosen == "reference"
     else:
         chosen = resolve_backend_for(OP, backend, logits.device, case=(
