@@ -27,6 +27,25 @@ class CpuKernelError(RuntimeError):
     """A CPU kernel refused its parameters (a launcher bug: Python validates everything first)."""
 
 
+# The index tensors a kernel range-checks itself when the launcher sets ``check_index`` (csrc/cpu/kernels.h:
+# kIndexError + i names the i-th); the op layer then skips its own check of them (one pass and call fewer).
+INDEX_ERROR = 10
+_CHECKED_INDICES = {
+    "soft_prompt_fwd": ("input_ids", "task_ids", "insert_at"),
+    "label_map_fwd": ("mapping",),
+    "prefix_attention_fwd": ("task_ids", "kv_lengths"),
+}
+
+
+class IndexRangeError(ValueError):
+    """A kernel found a value outside its range in the index tensor ``name`` (nothing was written). The ops catch
+    it and raise their own named error with the offending value; it reaches the user only from a compiled graph."""
+
+    def __init__(self, kernel: str, name: str) -> None:
+        super().__init__(f"{name}: holds a value outside its valid range (found by the cpu kernel {kernel!r})")
+        self.name = name
+
+
 def _describe_build() -> str:
     info = build_info()
     if "cpu_build" not in info:
@@ -78,10 +97,14 @@ class Params:
 
 
 def run(name: str, params: Params) -> None:
-    """Run kernel ``name``; a refusal (code 1) becomes CpuKernelError naming it."""
+    """Run kernel ``name``; a refusal (code 1) becomes CpuKernelError naming it, an index out of range (with
+    ``check_index`` set) IndexRangeError naming the tensor."""
     params.threads = torch.get_num_threads() or 1  # type: ignore[attr-defined]
     code = getattr(extension(), name)(params.__dict__)
     if code != 0:
+        names = _CHECKED_INDICES.get(name, ())
+        if INDEX_ERROR <= code < INDEX_ERROR + len(names):
+            raise IndexRangeError(name, names[code - INDEX_ERROR])
         raise CpuKernelError(f"reprokernels CPU kernel '{name}' refused its parameters (code {code})")
 
 

@@ -208,3 +208,101 @@ def test_one_to_one_auto_gather_falls_back_on_minus_one_and_names_bad_indices(dt
             rk.label_map(x, bad)
     with pytest.raises(ValueError, match="mapping: expected a tensor on cpu"):
         rk.label_map(x, torch.tensor([1], device="meta"))
+
+
+# ---------------------------------------------------------------- index ranges checked in the kernel launch
+
+
+def _bad_soft_prompt_call(which: str, index_dtype: torch.dtype, grad: bool):
+    """A cpu soft_prompt call with one index tensor out of range (the others valid), and the message it must
+    raise. Index tensors of any integer dtype, strided."""
+    B, L, P, D, V, T = 3, 5, 2, 4, 11, 3
+    ids = torch.randint(0, V, (B, 2 * L))[:, ::2].to(index_dtype)
+    task = torch.tensor([0, 2, 1], dtype=index_dtype)
+    insert = torch.tensor([0, 5, 2], dtype=index_dtype)
+    message = {"input_ids": rf"input_ids: expected values in \[0, {V - 1}\] \(rows of embedding_weight\), got 11",
+               "task_ids": rf"task_ids: expected values in \[0, {T - 1}\] \(tasks of the prompt table\), got 3",
+               "insert_at": rf"insert_at: expected values in \[0, {L}\] \(tokens kept before the prompt\), got 6"}
+    if which == "input_ids":
+        ids[1, 3] = V
+    elif which == "task_ids":
+        task[2] = T
+    else:
+        insert[1] = L + 1
+    prompt = torch.randn(T, P, D, requires_grad=grad)
+    kw = dict(input_ids=ids, embedding_weight=torch.randn(V, D), task_ids=task, insert_at=insert, backend="cpu")
+    return (lambda: rk.soft_prompt_concat(prompt, **kw)), message[which]
+
+
+@pytest.mark.parametrize("which", ["input_ids", "task_ids", "insert_at"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32, torch.uint8])
+@pytest.mark.parametrize("path", ["direct", "function", "registered"])
+def test_soft_prompt_kernel_names_an_index_out_of_range(which, index_dtype, path):
+    """The cpu kernel checks the index tensors in its own launch (the op skips its separate pass); a bad value is
+    still the op's named ValueError with the value, on the direct call, through the Function (a gradient), and
+    through the registered op (the profiler on)."""
+    call, message = _bad_soft_prompt_call(which, index_dtype, grad=path != "direct")
+    if path == "registered":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), \
+                pytest.raises(ValueError, match=message):
+            call()
+    else:
+        with pytest.raises(ValueError, match=message):
+            call()
+
+
+def test_soft_prompt_launcher_refuses_out_of_range_indices_itself():
+    """What a compiled graph calls: the launcher, whose kernel refuses the call with IndexRangeError (a
+    ValueError naming the tensor) instead of clamping the index."""
+    from reprokernels.cpu import soft_prompt as cpu_sp
+
+    ids = torch.tensor([[0, 1, 7]])
+    with pytest.raises(_cpu.IndexRangeError, match="input_ids: holds a value outside its valid range"):
+        cpu_sp.soft_prompt_concat(torch.randn(2, 4), ids, None, torch.randn(7, 4), None, None, 1.0)
+    with pytest.raises(_cpu.IndexRangeError, match="task_ids"):
+        cpu_sp.soft_prompt_concat(torch.randn(2, 2, 4), ids.clamp(max=6), None, torch.randn(7, 4),
+                                  torch.tensor([-1]), None, 1.0)
+
+
+@pytest.mark.parametrize("mapping", [torch.tensor([[3, 10]]), torch.tensor([[3, -2], [1, 1]]),
+                                     torch.tensor([[4, 10]], dtype=torch.int8)])
+@pytest.mark.parametrize("path", ["direct", "function", "registered"])
+def test_label_map_kernel_names_a_source_out_of_range(mapping, path):
+    x = torch.randn(4, 10, requires_grad=path != "direct")
+    bad = int(mapping[(mapping < -1) | (mapping > 9)][0])
+    message = rf"mapping: expected values in \[-1, 9\] \(source indices, or -1 for none\), got {bad}"
+    if path == "registered":
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]), \
+                pytest.raises(ValueError, match=message):
+            rk.label_map(x, mapping, input="probs", backend="cpu")
+    else:
+        with pytest.raises(ValueError, match=message):
+            rk.label_map(x, mapping, input="probs", backend="cpu")
+    from reprokernels.cpu import label_map as cpu_lm
+
+    with pytest.raises(_cpu.IndexRangeError, match="mapping: holds a value outside"):
+        cpu_lm.label_map(x.detach(), mapping.to(torch.int64), "mean", "logits")
+
+
+def test_cpu_route_reads_the_indices_once(monkeypatch):
+    """On the cpu route the op leaves the index values to the kernel's launch: no separate Python range pass
+    (its cost, 5-8 us a tensor, was the point), while other routes and empty outputs keep it."""
+    from reprokernels.ops import label_map as lm_ops
+
+    calls = []
+
+    def spy(t, lo, hi, name, what=""):
+        calls.append(name)
+
+    monkeypatch.setattr(sp_ops, "check_index_range", spy)
+    monkeypatch.setattr(lm_ops, "check_index_range", spy)
+    kw = dict(input_ids=torch.tensor([[1, 2]]), embedding_weight=torch.randn(10, 4),
+              task_ids=torch.tensor([1]), insert_at=torch.tensor([1]))
+    rk.soft_prompt_concat(torch.randn(2, 3, 4), backend="cpu", **kw)
+    rk.label_map(torch.randn(2, 10), torch.tensor([[1, 2]]), backend="cpu")
+    assert calls == []
+    rk.soft_prompt_concat(torch.randn(2, 3, 4), backend="reference", **kw)
+    rk.soft_prompt_concat(torch.randn(2, 3, 0), backend="cpu", **{**kw, "embedding_weight": torch.randn(10, 0)})
+    rk.label_map(torch.randn(2, 10), torch.tensor([[1, 2]]), backend="reference")
+    rk.label_map(torch.randn(0, 10), torch.tensor([[1, 2]]), backend="cpu")
+    assert calls == ["input_ids", "task_ids", "insert_at"] * 2 + ["mapping"] * 2

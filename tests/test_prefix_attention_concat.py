@@ -76,10 +76,12 @@ def test_concat_route_matches_reference(i, dtype, monkeypatch):
 
 
 def _route_taken(leaves, kw, monkeypatch, **extra) -> bool:
+    """Whether auto takes concat + SDPA for these leaves with gradients (training; without gradients a decode-sized
+    call takes the cpu decode kernel: tests/test_prefix_attention_cpu.py)."""
     calls = []
     real = comp.concat_sdpa
     monkeypatch.setattr(comp, "concat_sdpa", lambda *a: calls.append(1) or real(*a))
-    rk.prefix_attention(*leaves, **kw, **extra)
+    rk.prefix_attention(*(t if t is None else t.detach().requires_grad_() for t in leaves), **kw, **extra)
     return bool(calls)
 
 

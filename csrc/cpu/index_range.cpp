@@ -35,4 +35,11 @@ int index_range(std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::in
   return 0;
 }
 
+bool index_within(std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::int64_t n1, std::int64_t s0,
+                  std::int64_t s1, std::int64_t lo, std::int64_t hi) {
+  if (n0 <= 0 || n1 <= 0) return true;
+  std::int64_t mn = 0, mx = 0;
+  return index_range(ptr, dtype, n0, n1, s0, s1, &mn, &mx) == 0 && mn >= lo && mx <= hi;
+}
+
 }  // namespace rkcpu

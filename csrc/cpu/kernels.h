@@ -1,7 +1,9 @@
 // Parameter blocks and entry points of the CPU kernels (reprokernels._cpu). Plain C++: Python gives a params
 // struct's fields as a dict (param_dict.h) from tensors it validated (reprokernels/cpu/*.py). Pointers are
 // integers, sizes and strides int64 in elements, dtype codes as in common.h. Every entry returns 0 on success or
-// 1 for parameters it cannot serve (an unknown code, a missing pointer), so nothing is run on bad input.
+// 1 for parameters it cannot serve (an unknown code, a missing pointer), so nothing is run on bad input, or, where
+// the launcher asked for it (check_index = 1), kIndexError + i when the i-th index tensor the entry reads holds a
+// value outside its range (checked before anything is written; reprokernels/_cpu.py names the tensor).
 //
 // Determinism: every output element is produced by one thread, and every reduction (over a row, over the batch)
 // runs in a fixed order that does not depend on the thread count: the same bits for any `threads`.
@@ -10,6 +12,10 @@
 
 namespace rkcpu {
 
+// The range check of the index tensors a kernel reads, done in the launch itself: the op layer's own check was a
+// second pybind11 call and Python per tensor (5-8 us a call at small batches, as much as the kernel).
+constexpr int kIndexError = 10;
+
 struct LabelMapParams {
   std::uintptr_t x = 0, mapping = 0, w = 0, out = 0, lse = 0, grad = 0, dx = 0, dw = 0;
   std::int64_t B = 0, K = 0, T = 0, M = 0;
@@ -17,6 +23,7 @@ struct LabelMapParams {
   std::int32_t x_dtype = 0, out_dtype = 0, grad_dtype = 0, dw_dtype = 0, map_dtype = 0;
   std::int32_t input = 0;   // 0 logits, 1 probs, 2 log_probs
   std::int32_t reduce = 0;  // 0 mean, 1 sum
+  std::int32_t check_index = 0;  // label_map_fwd: kIndexError for a mapping entry outside [-1, K - 1]
   std::int32_t threads = 1;
 };
 // Index mapping (T, M): out (B, T) contiguous (x dtype for logits, else float32), lse (B, 2) float32.
@@ -40,6 +47,9 @@ struct SoftPromptParams {
   std::int32_t prompt_dtype = 0, tok_dtype = 0, grad_dtype = 0, ids_dtype = 0, task_dtype = 0, insert_dtype = 0;
   std::int32_t from_ids = 0;
   float embed_scale = 1.0f;
+  // soft_prompt_fwd: kIndexError + 0 / 1 / 2 for ids outside [0, V - 1], task outside [0, T - 1], insert outside
+  // [0, L]
+  std::int32_t check_index = 0;
   std::int32_t threads = 1;
 };
 // out (B, P + L, D) contiguous in tok_dtype.
@@ -94,9 +104,31 @@ struct LabelHistogramParams {
 // out (K, T) float32, any strides, accumulated in place.
 int label_histogram_accumulate(const LabelHistogramParams& p);
 
+// prefix_attention's forward for decoding (reprokernels/cpu/prefix_attention.py): q (B, Hq, Lq, D), k / v
+// (B, Hkv, Lk, D) in dtype; prefix pk / pv (T, Hkv, P, D) in p_dtype (a shared prefix: T = 1, pk_st = 0), task
+// (B,) index code task_dtype or 0; the sequence keys seen: kpm (B, Lk) bytes (non-zero = seen), or kv_len (B,)
+// index code len_dtype, or all of them; every row's last dim unit-stride. out (B, Hq, Lq, D) contiguous in dtype,
+// lse (B, Hq, Lq) float32 (-inf where a query sees nothing). rows_per_item: batch rows that share one read of a
+// shared prefix (1 with a task table). check_index: kIndexError for task outside [0, T - 1], + 1 for kv_len
+// outside [0, Lk].
+struct PrefixAttnParams {
+  std::uintptr_t q = 0, k = 0, v = 0, pk = 0, pv = 0, task = 0, kpm = 0, kv_len = 0, out = 0, lse = 0;
+  std::int64_t B = 0, Hq = 0, Hkv = 0, Lq = 0, Lk = 0, P = 0, D = 0, T = 1;
+  std::int64_t q_sb = 0, q_sh = 0, q_sl = 0, k_sb = 0, k_sh = 0, k_sl = 0, v_sb = 0, v_sh = 0, v_sl = 0;
+  std::int64_t pk_st = 0, pk_sh = 0, pk_sl = 0, pv_st = 0, pv_sh = 0, pv_sl = 0;
+  std::int64_t task_s = 0, kpm_sb = 0, kpm_sl = 0, len_s = 0, rows_per_item = 1;
+  std::int32_t dtype = 0, p_dtype = 0, task_dtype = 0, len_dtype = 0, causal = 0, check_index = 0;
+  float scale = 1.0f;
+  std::int32_t threads = 1;
+};
+int prefix_attention_fwd(const PrefixAttnParams& p);
+
 // (lo, hi) of the (n0, n1) integer tensor at ptr (index code as load_index; strides in elements; a 1-D tensor is
 // (n0, 1)); 1 for a null pointer, an unknown code or an empty tensor.
 int index_range(std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::int64_t n1, std::int64_t s0,
                 std::int64_t s1, std::int64_t* lo, std::int64_t* hi);
+// Whether every value of the (n0, n1) integer tensor at ptr lies in [lo, hi] (true for an empty one).
+bool index_within(std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::int64_t n1, std::int64_t s0,
+                  std::int64_t s1, std::int64_t lo, std::int64_t hi);
 
 }  // namespace rkcpu

@@ -458,6 +458,8 @@ int label_map_fwd(const LabelMapParams& p) {
   if (bad(p) || (p.B && p.T && !p.out) || (p.input && p.B && !p.lse) || (p.M && p.T && !p.mapping) ||
       p.map_dtype < 0 || p.map_dtype > 1)
     return 1;
+  if (p.check_index && !index_within(p.mapping, p.map_dtype, p.T, p.M, p.map_st, p.map_sm, -1, p.K - 1))
+    return kIndexError;
   RK_DISPATCH(index_fwd, p);
   return 0;
 }

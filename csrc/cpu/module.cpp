@@ -26,7 +26,7 @@ const FieldTable& fields(const LabelMapParams*) {
   static const FieldTable t{
       F(x), F(mapping), F(w), F(out), F(lse), F(grad), F(dx), F(dw), F(B), F(K), F(T), F(M), F(x_sb), F(x_sk),
       F(map_st), F(map_sm), F(w_sk), F(w_st), F(grad_sb), F(grad_st), F(x_dtype), F(out_dtype), F(grad_dtype),
-      F(dw_dtype), F(map_dtype), F(input), F(reduce), F(threads)};
+      F(dw_dtype), F(map_dtype), F(input), F(reduce), F(check_index), F(threads)};
   return t;
 }
 
@@ -37,7 +37,7 @@ const FieldTable& fields(const SoftPromptParams*) {
       F(D), F(T), F(V), F(prompt_st), F(prompt_sp), F(prompt_sd), F(ids_sb), F(ids_sl), F(tok_sv), F(tok_sb),
       F(tok_sl), F(tok_sd), F(task_s), F(insert_s), F(grad_sb), F(grad_sj), F(grad_sd), F(prompt_dtype),
       F(tok_dtype), F(grad_dtype), F(ids_dtype), F(task_dtype), F(insert_dtype), F(from_ids), F(embed_scale),
-      F(threads)};
+      F(check_index), F(threads)};
   return t;
 }
 
@@ -66,6 +66,17 @@ const FieldTable& fields(const LabelHistogramParams*) {
   static const FieldTable t{
       F(x), F(targets), F(out), F(B), F(K), F(T), F(topk), F(x_sb), F(x_sk), F(t_s), F(out_sk), F(out_st),
       F(x_dtype), F(preds), F(pred_dtype), F(target_dtype), F(weight), F(threads)};
+  return t;
+}
+
+const FieldTable& fields(const PrefixAttnParams*) {
+  using S = PrefixAttnParams;
+  static const FieldTable t{
+      F(q), F(k), F(v), F(pk), F(pv), F(task), F(kpm), F(kv_len), F(out), F(lse), F(B), F(Hq), F(Hkv), F(Lq),
+      F(Lk), F(P), F(D), F(T), F(q_sb), F(q_sh), F(q_sl), F(k_sb), F(k_sh), F(k_sl), F(v_sb), F(v_sh), F(v_sl),
+      F(pk_st), F(pk_sh), F(pk_sl), F(pv_st), F(pv_sh), F(pv_sl), F(task_s), F(kpm_sb), F(kpm_sl), F(len_s),
+      F(rows_per_item), F(dtype), F(p_dtype), F(task_dtype), F(len_dtype), F(causal), F(check_index), F(scale),
+      F(threads)};
   return t;
 }
 
@@ -101,6 +112,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   def_kernel<PromptLayoutParams, &soft_prompt_layout>(m, "soft_prompt_layout", "PromptLayoutParams");
   def_kernel<VisualPromptParams, &visual_prompt_fwd>(m, "visual_prompt_fwd", "VisualPromptParams");
   def_kernel<VisualPromptParams, &visual_prompt_bwd>(m, "visual_prompt_bwd", "VisualPromptParams");
+  def_kernel<PrefixAttnParams, &prefix_attention_fwd>(m, "prefix_attention_fwd", "PrefixAttnParams");
   def_kernel<LabelHistogramParams, &label_histogram_accumulate>(m, "label_histogram_accumulate", "LabelHistogramParams");
   // (lo, hi) of an integer tensor of one or two dims, or None for parameters it cannot read
   m.def("index_range", [](std::uintptr_t ptr, std::int32_t dtype, std::int64_t n0, std::int64_t n1, std::int64_t s0,

@@ -240,6 +240,12 @@ int soft_prompt_fwd(const SoftPromptParams& p) {
   // A pointer is needed only where something is read: no prompt rows for P = 0, no tokens for L = 0 (then V may
   // be 0 too), nothing at all for an empty output.
   if (!codes_ok(p)) return 1;
+  if (p.check_index) {
+    if (p.from_ids && !index_within(p.ids, p.ids_dtype, p.B, p.L, p.ids_sb, p.ids_sl, 0, p.V - 1))
+      return kIndexError;
+    if (p.task && !index_within(p.task, p.task_dtype, p.B, 1, p.task_s, 1, 0, p.T - 1)) return kIndexError + 1;
+    if (p.insert && !index_within(p.insert, p.insert_dtype, p.B, 1, p.insert_s, 1, 0, p.L)) return kIndexError + 2;
+  }
   if (p.B == 0 || p.D == 0 || p.P + p.L == 0) return 0;
   if (!p.out || (p.P && !p.prompt) || (p.L && !p.tokens) || (p.L && p.from_ids && (!p.ids || p.V < 1))) return 1;
   switch (p.prompt_dtype) {

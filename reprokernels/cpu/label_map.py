@@ -137,6 +137,7 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, reduce: str, input: s
         del w
         return out, lse
     m = _set_index_mapping(p, mapping, reduce)
+    p.check_index = 1  # the mapping range-checked in the launch (IndexRangeError)
     _cpu.run("label_map_fwd", p)
     del m
     return out, lse

@@ -62,6 +62,7 @@ def soft_prompt_concat(prompt: torch.Tensor, input_ids: torch.Tensor | None, inp
     task_k, insert_k = _set_insert_task(p, task_ids, insert_at)
     p.embed_scale = float(embed_scale)
     p.out = out.data_ptr()
+    p.check_index = 1  # ids, task ids and insert positions range-checked in the launch (IndexRangeError)
     _cpu.run("soft_prompt_fwd", p)
     del ids_k, task_k, insert_k
     return out

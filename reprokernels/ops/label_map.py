@@ -16,6 +16,7 @@ from .._apply import (
     run_function,
 )
 from .._backend import default_backend, register_op
+from .._cpu import IndexRangeError
 from .._validation import (
     INDEX_DTYPES,
     KERNEL_DTYPES,
@@ -126,7 +127,8 @@ class LabelMapFunction(torch.autograd.Function):
 
 
 def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
-    """An index mapping as (K_tgt, m), or a dense (K_src, K_tgt) one; ranges checked before any kernel runs."""
+    """An index mapping as (K_tgt, m), or a dense (K_src, K_tgt) one (an index mapping's values:
+    ``_check_sources``)."""
     check_tensor(mapping, "mapping")
     if mapping.is_floating_point():
         if mapping.dim() != 2 or mapping.shape[0] != k_src:
@@ -138,9 +140,12 @@ def _check_mapping(mapping: torch.Tensor, k_src: int) -> torch.Tensor:
                         f"(K_src, K_tgt) matrix, got {mapping.dtype}")
     if mapping.dim() not in (1, 2):
         raise ValueError(f"mapping: an index mapping must be (K_tgt,) or (K_tgt, m), got shape {tuple(mapping.shape)}")
-    check_index_range(mapping, -1, k_src - 1, "mapping", "source indices, or -1 for none")
     m2 = mapping.unsqueeze(1) if mapping.dim() == 1 else mapping
     return m2 if m2.dtype in KERNEL_INDEX_DTYPES else m2.to(torch.int32)
+
+
+def _check_sources(mapping: torch.Tensor, k_src: int) -> None:
+    check_index_range(mapping, -1, k_src - 1, "mapping", "source indices, or -1 for none")
 
 
 def _restore_lead(out: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -239,6 +244,8 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
             f"dtype={logits.dtype}", f"mapping={'dense' if m2.is_floating_point() else 'index'}",
             f"mapping_dtype={m2.dtype}", f"input={input}"))
         plain = chosen == "reference" and backend == "auto" and plain_eager(flat, m2)
+    if not m2.is_floating_point() and (chosen != "cpu" or flat.shape[0] == 0):
+        _check_sources(mapping, k_src)  # before any kernel reads through it (the cpu kernel checks it itself)
     if plain:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
         if input == "logits" and m2.dtype == torch.float32 and flat.dtype in KERNEL_DTYPES:
             # label_map_values without its calls that change nothing here (as many us as a B8 GEMM): the eager
@@ -249,6 +256,10 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
         return _restore_lead(out, logits)
     if chosen != "reference":
         check_float(logits, "logits", KERNEL_DTYPES)
-    out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
-                          direct=direct_call(chosen, flat, m2))
+    try:
+        out, _ = run_function(LabelMapFunction, _fwd, flat, m2, reduce, input, chosen,
+                              direct=direct_call(chosen, flat, m2))
+    except IndexRangeError:
+        _check_sources(mapping, k_src)  # raises, naming the value
+        raise
     return _restore_lead(out, logits)

@@ -8,8 +8,9 @@ import math
 
 import torch
 
+from .. import _cpu
 from .._amp import no_autocast
-from .._apply import apply_function, plain_eager
+from .._apply import apply_function, direct_call, plain_eager
 from .._backend import backend_status, default_backend, register_op
 from .._validation import (
     INDEX_DTYPES,
@@ -27,7 +28,7 @@ from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
 MERGE_OP = "merge_attention_states"
-register_op(OP, ("reference", "composite", "triton", "cuda"))
+register_op(OP, ("reference", "composite", "triton", "cuda", "cpu"))
 register_op(MERGE_OP, ("reference", "cuda"))
 
 _MODULES = {
@@ -35,6 +36,7 @@ _MODULES = {
     "composite": "reprokernels.composite.prefix_attention",
     "triton": "reprokernels.triton.prefix_attention",
     "cuda": "reprokernels.cuda.prefix_attention",
+    "cpu": "reprokernels.cpu.prefix_attention",
 }
 # the head dims the fused Triton kernels serve (kept here so choosing a backend never imports triton)
 TRITON_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
@@ -48,6 +50,17 @@ CUDA_MAX_HEAD_DIM = 512
 # key/value pair against 2 d FMAs per query: at ~25 TFMA/s effective and 3.35 TB/s the two meet near 15 queries),
 # while Triton's stage 1 runs it as a tensor-core GEMM. A model, not a measurement: no GPU has timed either yet.
 CUDA_AUTO_MAX_PREFIX_QUERIES = 16
+# What the CPU decode kernel serves (reprokernels/cpu/prefix_attention.py): the forward of at most CPU_MAX_LQ
+# queries per row.
+CPU_MAX_LQ = 16
+# auto on CPU takes it (no gradient, Lq <= 16) while at most this many queries share a kv head in a row (GQA group
+# x Lq), or the problem is small (B Hq Lq (P + Lk) d query-key products at most CPU_AUTO_MAX_PRODUCTS). Its dot
+# products are register tiles of 4 queries x 16 keys; composite's are BLAS GEMMs, which pull ahead once many queries
+# share each key: 2 cores of an AVX2 EPYC, no gradient, float32 unless named, against composite (auto's other
+# choice): G Lq <= 32 1.5-3.8x (decode B1-64, P 256-2048, d 32-128; B2 H32/8 Lq8), 6.5x bfloat16; G Lq = 64 2.4x at
+# 4.2M products, 1.46x at 50M, 0.93x (float32) / 0.87x (bfloat16) at 168M (B4 H32/8 Lq16 Lk128 P512 d128).
+CPU_AUTO_MAX_GROUP_QUERIES = 32
+CPU_AUTO_MAX_PRODUCTS = 1 << 26
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -72,6 +85,33 @@ def cuda_refusal(q: torch.Tensor, needs_grad: bool) -> str:
     return ""
 
 
+def cpu_refusal(q: torch.Tensor, needs_grad: bool) -> str:
+    """Why the CPU decode kernel cannot serve this call ("" when it can), naming what to use instead."""
+    if needs_grad:
+        return ("the cpu backend of prefix_attention is the decode forward: it has no backward, and inputs require "
+                "gradients here (training: backend='composite'; or call it under torch.no_grad())")
+    if q.shape[2] > CPU_MAX_LQ:
+        return (f"the cpu backend of prefix_attention serves decoding with at most {CPU_MAX_LQ} queries per row, "
+                f"got Lq={q.shape[2]} (prefill: backend='composite')")
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the cpu backend supports float32, float16 and bfloat16, got {q.dtype} (backend='composite')"
+    return ""
+
+
+def _cpu_built() -> bool:
+    return _cpu.available()
+
+
+# a constant for torch.compile (as _backend._resolve): traced calls route like eager ones, no graph break
+_cpu_built._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def auto_prefers_cpu(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, d: int) -> bool:
+    """Whether auto on CPU takes the decode kernel over composite / concat + SDPA for a call it can serve (see
+    CPU_AUTO_MAX_GROUP_QUERIES)."""
+    return (Hq // Hkv) * Lq <= CPU_AUTO_MAX_GROUP_QUERIES or B * Hq * Lq * (P + Lk) * d <= CPU_AUTO_MAX_PRODUCTS
+
+
 def auto_prefers_cuda(B: int, Hq: int, Hkv: int, Lq: int, P: int) -> bool:
     """Whether auto takes the CUDA decode kernels over Triton for a decode call it can serve (see
     CUDA_AUTO_MAX_PREFIX_QUERIES)."""
@@ -91,20 +131,22 @@ torch.library.define(
 
 
 def _kernel_prefix(prefix: torch.Tensor | None, q: torch.Tensor, backend: str) -> torch.Tensor | None:
-    """The triton and cuda kernels read float32/float16/bfloat16 prefixes. A float64 one is rounded to q's dtype
+    """The triton, cuda and cpu kernels read float32/float16/bfloat16 prefixes. A float64 one is rounded to q's dtype
     (the contract's one rounding) and held in float32, which the kernels' own cast to q's dtype then keeps exact."""
-    if backend not in ("triton", "cuda") or prefix is None or prefix.dtype in KERNEL_DTYPES:
+    if backend not in ("triton", "cuda", "cpu") or prefix is None or prefix.dtype in KERNEL_DTYPES:
         return prefix
     return prefix.to(q.dtype).to(torch.float32)
 
 
-@torch.library.impl("reprokernels::prefix_attention_fwd", ["CPU", "CUDA"])
 def _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal, scale, backend):
     mod = importlib.import_module(_MODULES[backend])
     prefix_k, prefix_v = _kernel_prefix(prefix_k, q, backend), _kernel_prefix(prefix_v, q, backend)
     with no_autocast(q.device):
         return mod.prefix_attention(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, causal,
                                     scale)
+
+
+torch.library.impl("reprokernels::prefix_attention_fwd", ["CPU", "CUDA"])(_fwd)
 
 
 @torch.library.register_fake("reprokernels::prefix_attention_fwd")
@@ -301,6 +343,20 @@ def prefix_attention(
         P = 0 if prefix_k is None else prefix_k.shape[-2]
         if is_auto and (why or not auto_prefers_cuda(B, Hq, Hkv, q.shape[2], P)):
             chosen = "triton" if backend_status("triton", q.device.type)[0] else "composite"
+    needs_grad = _needs_grad(q, k, v, prefix_k, prefix_v)
+    if chosen == "cpu":
+        why = cpu_refusal(q, needs_grad)
+        if why:
+            raise ValueError(f"backend: {why}")
+    elif (chosen == "composite" and is_auto and q.is_cpu and not cpu_refusal(q, needs_grad) and _cpu_built()
+          and auto_prefers_cpu(B, Hq, Hkv, q.shape[2], Lk, 0 if prefix_k is None else prefix_k.shape[-2], d)):
+        chosen = "cpu"
+    if chosen == "cpu" and direct_call("cpu", q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths):
+        # nothing to record (no gradient): the launcher itself, without the Function and the registered op
+        q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
+        out, lse = _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, bool(causal), scale,
+                        "cpu")
+        return (out, lse) if return_lse else out
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
         if is_auto:
             chosen = "composite"  # auto's documented fallback for head dims the fused kernels do not serve

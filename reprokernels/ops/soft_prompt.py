@@ -8,6 +8,7 @@ import torch
 
 from .._apply import backend_module, direct_call, op_outputs, run_function
 from .._backend import register_op
+from .._cpu import IndexRangeError
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -131,15 +132,26 @@ class SoftPromptConcatFunction(torch.autograd.Function):
         return (dp if needs[0] else None, None, de if needs[1] else None, None, None, None, None, None, None)
 
 
-def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...], hi: int, what: str) -> None:
-    """Integer dtype, exact shape, and every value in [0, hi] — checked before any kernel reads memory."""
+def _check_index(t: torch.Tensor | None, name: str, shape: tuple[int, ...]) -> None:
+    """Integer dtype and exact shape (the values: ``_check_index_values``)."""
     if t is None:
         return
     check_tensor(t, name)
     check_index_dtype(t, name)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    check_index_range(t, 0, hi, name, what)
+
+
+def _check_index_values(input_ids: torch.Tensor | None, v_max: int, task_ids: torch.Tensor | None, t_max: int,
+                        insert_at: torch.Tensor | None, L: int) -> None:
+    """Every index in its range, before any kernel reads memory through it (the cpu kernels check them in their
+    own launch instead: ``_cpu.IndexRangeError``, after which this names the value)."""
+    if input_ids is not None:
+        check_index_range(input_ids, 0, v_max, "input_ids", "rows of embedding_weight")
+    if task_ids is not None:
+        check_index_range(task_ids, 0, t_max, "task_ids", "tasks of the prompt table")
+    if insert_at is not None:
+        check_index_range(insert_at, 0, L, "insert_at", "tokens kept before the prompt")
 
 
 def _extend(t: torch.Tensor, is_prompt: torch.Tensor, tok: torch.Tensor, prompt_value: int) -> torch.Tensor:
@@ -214,15 +226,15 @@ def soft_prompt_concat(
         check_tensor(input_ids, "input_ids")
         check_ndim(input_ids, 2, "input_ids", "(B, L)")
         B, L = input_ids.shape
-        _check_index(input_ids, "input_ids", (B, L), embedding_weight.shape[0] - 1, "rows of embedding_weight")
+        _check_index(input_ids, "input_ids", (B, L))
         tokens_dtype = embedding_weight.dtype
     if prompt.dim() == 3:
         if task_ids is None:
             raise ValueError(f"task_ids: a (T, P, D) prompt table needs task_ids (B={B},), got None")
-        _check_index(task_ids, "task_ids", (B,), prompt.shape[0] - 1, "tasks of the prompt table")
+        _check_index(task_ids, "task_ids", (B,))
     elif task_ids is not None:
         raise ValueError("task_ids: only used with a (T, P, D) prompt table, got a (P, D) prompt")
-    _check_index(insert_at, "insert_at", (B,), L, "tokens kept before the prompt")
+    _check_index(insert_at, "insert_at", (B,))
     for name, t in (("attention_mask", attention_mask), ("labels", labels)):
         if t is not None:
             check_tensor(t, name)
@@ -241,10 +253,18 @@ def soft_prompt_concat(
             raise TypeError(f"{'inputs_embeds' if inputs_embeds is not None else 'embedding_weight'}: expected a "
                             f"floating dtype (float32/float16/bfloat16), got {tokens_dtype}")
     assert tokens_dtype in FLOAT_DTYPES
+    v_max = embedding_weight.shape[0] - 1 if embedding_weight is not None else 0
+    t_max = prompt.shape[0] - 1 if prompt.dim() == 3 else 0
+    if chosen != "cpu" or B * (P + L) * D == 0:  # (the cpu kernels check the indices of a call they run)
+        _check_index_values(input_ids, v_max, task_ids, t_max, insert_at, L)
     direct = direct_call(chosen, prompt, input_ids, inputs_embeds, embedding_weight, task_ids, insert_at,
                          attention_mask, labels)
-    embeds = run_function(SoftPromptConcatFunction, _fwd, prompt, input_ids, inputs_embeds, embedding_weight,
-                          task_ids, insert_at, scale, chosen, direct=direct)
+    try:
+        embeds = run_function(SoftPromptConcatFunction, _fwd, prompt, input_ids, inputs_embeds, embedding_weight,
+                              task_ids, insert_at, scale, chosen, direct=direct)
+    except IndexRangeError:
+        _check_index_values(input_ids, v_max, task_ids, t_max, insert_at, L)  # raises, naming the value
+        raise
     mask_out = labels_out = position_ids = None
     laid_out = None
     if direct and (attention_mask is not None or labels is not None):  # the cpu kernels: one pass, no torch ops
