@@ -22,8 +22,9 @@ Providers
                     flash speed the issue asks to keep; not a correct prefix attention (no causal mask).
     reference       ``prefix_attention(..., backend="reference")`` (the spec).
     composite       ``backend="composite"``: ATen flash for the sequence (causal split into query chunks) and
-                    for the un-expanded prefix, exact LSE merge (what auto picks on CPU tensors: there is no
-                    ``cpu`` backend for this op).
+                    for the un-expanded prefix, exact LSE merge (what auto picks on CPU tensors for training).
+    cpu             ``backend="cpu"``: the C++ decode kernel (csrc/cpu/prefix_attention.cpp; at most 16 queries per
+                    row, forward only), decode rows on CPU tensors only (what auto picks there).
     auto            ``backend="auto"``: what a user gets by default.
     triton          the fused kernels; a skipped row without a GPU.
     cuda            ``backend="cuda"``: the CUDA C++ decode kernels (csrc/prefix_attention.cu; at most 16 queries
@@ -65,11 +66,11 @@ import torch.nn.functional as F
 import reprokernels
 from benchmarks.common import Row, compiled_provider, gpu_provider, run_shapes
 from benchmarks.shapes import SHAPES
-from reprokernels.ops.prefix_attention import CUDA_MAX_LQ  # the cuda backend's decode limit (queries per row)
+from reprokernels.ops.prefix_attention import CPU_MAX_LQ, CUDA_MAX_LQ  # the decode kernels' limits (queries per row)
 
 OP = "prefix_attention"
-PROVIDERS = ("peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "auto", "triton",
-             "cuda")
+PROVIDERS = ("peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "cpu", "auto",
+             "triton", "cuda")
 Leaves = tuple[torch.Tensor, ...]  # q, k, v, prefix_k, prefix_v
 
 
@@ -214,6 +215,16 @@ def _provider_fn(case: Case, provider: str) -> tuple[Callable | None, str]:
     if provider == "peft-cat+sdpa+compile":
         return compiled_provider(case.compiled_peft)
     if provider in ("reference", "composite", "auto"):
+        return case.op(provider), ""
+    if provider == "cpu":
+        if case.device.type != "cpu":
+            return None, "CPU tensors only"
+        if case.train or case.Lq > CPU_MAX_LQ:
+            return None, f"decode only: the cpu backend serves at most {CPU_MAX_LQ} queries per row, forward"
+        from reprokernels import _cpu
+
+        if not _cpu.available():
+            return None, f"cpu backend unavailable: {_cpu.unavailable_reason()}"
         return case.op(provider), ""
     if provider == "triton":
         return gpu_provider(case.op, provider, case.device)

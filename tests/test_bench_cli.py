@@ -25,8 +25,8 @@ from benchmarks.device_limits import DeviceLimits, measure_copy_bandwidth, measu
 from reprokernels import bench
 
 REPO_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
-# what runs on a CPU for prefix_attention (no cpu backend: auto picks composite)
-TIMED = {"peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "auto"}
+# what runs on a CPU for prefix_attention (cpu: its decode kernel, on the decode rows only)
+TIMED = {"peft-cat+sdpa", "peft-cat+sdpa+compile", "ideal-sdpa", "reference", "composite", "cpu", "auto"}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
@@ -61,7 +61,7 @@ def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
         reader = csv.DictReader(f)
         assert reader.fieldnames == [f.name for f in dataclasses.fields(Row)]
         rows = list(reader)
-    assert len(rows) == 8 * 2 + 8  # train: 8 providers x (fwd, fwd+bwd); decode: 8 providers x fwd
+    assert len(rows) == 9 * 2 + 9  # train: 9 providers x (fwd, fwd+bwd); decode: 9 providers x fwd
     assert {(r["op"], r["dtype"]) for r in rows} == {("prefix_attention", "float32")}
     timed = [r for r in rows if r["median_ms"]]
     assert {r["provider"] for r in timed} == TIMED
@@ -72,7 +72,7 @@ def test_bench_quick_cpu_writes_csv(tmp_path: Path) -> None:
         assert "MISMATCH" not in r["note"], r
         assert r["device"].startswith("cpu") and r["git_sha"] and r["timestamp"]
     skipped = [r for r in rows if not r["median_ms"]]
-    assert {r["provider"] for r in skipped} == {"triton", "ideal-sdpa", "cuda"}
+    assert {r["provider"] for r in skipped} == {"triton", "ideal-sdpa", "cuda", "cpu"}  # cpu: decode only
     for r in skipped:
         assert r["note"] and not r["p20_ms"] and not r["gbps"], r
     assert all("GPU" in r["note"] for r in skipped if r["provider"] == "triton")
