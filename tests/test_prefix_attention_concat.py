@@ -106,3 +106,21 @@ def test_concat_route_under_compile_is_the_registered_op():
     f = torch.compile(lambda *t: rk.prefix_attention(*t, **kw), backend="eager", fullgraph=True)
     assert_close(f(*leaves), rk.prefix_attention(*leaves, backend="reference", **kw), rtol=2e-5, atol=2e-5,
                  name="out")
+
+
+def test_remembered_causal_mask_serves_inference_then_training():
+    """The concat route remembers its small causal masks: one made under inference_mode must still serve a later
+    call whose backward saves it, and a call of another size gets its own."""
+    leaves, _ = _inputs(CASES[0], torch.float32, seed=3)
+    with torch.inference_mode():
+        first = comp.concat_sdpa(*leaves, None, None, None, True, 0.3)
+    xs = [t.clone().requires_grad_() for t in leaves]
+    again = comp.concat_sdpa(*xs, None, None, None, True, 0.3)
+    again.sum().backward()
+    assert torch.equal(first, again.detach())
+    want = rk.prefix_attention(*leaves, causal=True, scale=0.3, backend="reference")
+    assert_close(again.detach(), want, rtol=2e-5, atol=2e-5, name="out")
+    other, _ = _inputs(CASES[1], torch.float32, seed=4)
+    assert_close(comp.concat_sdpa(*other, None, None, None, True, 0.3),
+                 rk.prefix_attention(*other, causal=True, scale=0.3, backend="reference"), rtol=2e-5, atol=2e-5,
+                 name="out")

@@ -60,6 +60,7 @@ Backward (no autograd; every step is one ATen kernel or a GEMM)
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -578,6 +579,20 @@ def prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, task_ids, k
 CONCAT_MAX_KEYS = 1 << 20  # B * Hkv * (P + Lk) * d elements of the concatenated keys, at most
 
 
+_CACHED_ORDER_MAX = 1 << 16  # masks of at most 64 KiB are remembered (64 of them: at most 4 MiB)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_order(Lq: int, S: int, P: int, device: torch.device | None = None) -> torch.Tensor:
+    """(Lq, S) bool: query i sees the own keys j <= i + Lk - Lq, i.e. s <= i + S - Lq, and every prefix key (s < P).
+    Remembered per size on the CPU (four ATen calls, ~15 us a call at small sizes; read-only: SDPA reads it and
+    ``mask & order`` makes a new tensor). Made outside inference mode: a mask remembered from an inference call is
+    a normal tensor for the later calls that record a backward."""
+    with torch.inference_mode(False):
+        last = (torch.arange(Lq, device=device) + (S - Lq)).clamp_(min=P - 1)
+        return torch.arange(S, device=device).view(1, S) <= last.view(Lq, 1)
+
+
 def concat_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                 task_ids: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                 kv_lengths: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
@@ -613,9 +628,8 @@ def concat_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: tor
         pk, pv = prefix_k.expand(B, Hkv, P, prefix_k.shape[-1]), prefix_v.expand(B, Hkv, P, prefix_v.shape[-1])
     keys, values = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
     if causal and Lq > 1:
-        # query i sees the own keys j <= i + Lk - Lq, i.e. s <= i + S - Lq, and every prefix key (s < P)
-        last = (torch.arange(Lq, device=q.device) + (S - Lq)).clamp_(min=P - 1)
-        order = torch.arange(S, device=q.device).view(1, S) <= last.view(Lq, 1)
+        small = q.is_cpu and Lq * S <= _CACHED_ORDER_MAX
+        order = _causal_order(Lq, S, P) if small else _causal_order.__wrapped__(Lq, S, P, q.device)
         mask = order if mask is None else mask & order
     return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
                                                             enable_gqa=Hq != Hkv)
