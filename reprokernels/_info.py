@@ -33,9 +33,8 @@ AUTO_ROUTES = {
         "CUDA: cuda for decode (Lq <= 16, no gradients, d <= 512) with at most 16 queries per prefix kv head "
         "(B * Hq / Hkv * Lq) or no prefix -- CUDA-core kernels, memory-bound there; triton for training, prefill "
         "and larger decode batches (the shared prefix as a tensor-core GEMM); composite for head dims triton "
-        "lacks. CPU: the cpu decode kernel for a call without gradients, Lq <= 16, float32/float16/bfloat16, "
-        "with at most 32 queries per kv head in a row (Hq / Hkv * Lq) or at most 2**26 query-key products "
-        "(B * Hq * Lq * (P + Lk) * d); else composite, and in eager mode a float32 (or float64) call with a prefix "
+        "lacks. CPU: the cpu decode kernel for a call without gradients, Lq <= 16, float32/float16/bfloat16; "
+        "else composite, and in eager mode a float32 (or float64) call with a prefix "
         "whose concatenated keys are small (B * Hkv * (P + Lk) * d <= 2**20) and no return_lse runs as concat + "
         "SDPA (PEFT's chain, unseen keys zeroed), where the composite plan's many small calls cost more than the "
         "math"),

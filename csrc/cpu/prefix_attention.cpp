@@ -1,8 +1,8 @@
 // prefix_attention's forward on the CPU for decoding and short prefills (at most 16 queries per row, no backward:
 // the op layer keeps gradients on composite). Work item: one kv head and a block of batch rows that share its
 // prefix (a shared (Hkv, P, d) prefix; rows of a task table are items of one row), with every query of the rows
-// and the head's GQA group (nb x G x Lq rows). The prefix keys are read once per item, not once per row as the
-// concatenation does.
+// and the head's GQA group (nb x G x Lq rows); with fewer items than threads, an item's rows are split into parts.
+// The prefix keys are read once per item (part), not once per row as the concatenation does.
 //
 // Per item: keys are staged in chunks as float32 and transposed (d x keys), so a query's scores over a chunk are
 // d FMAs on vectors of keys (no horizontal sums); the scores of every key the query sees (all P prefix keys, then
@@ -72,30 +72,39 @@ RK_CLONES void chunk_values(const float* w, const float* v, std::int64_t n, std:
 // Register tiles of 4 query rows (rows r of q at stride D, of s and w at stride S, of acc at stride D): each
 // element's sum runs in the same order as in the one-row functions above (d ascending for a score, keys ascending
 // for an output), so a row's bits do not depend on which tile computed it; the tiles only share the loads of a
-// key or value row among 4 queries and keep the sums in registers (16 keys or 16 features of 4 rows).
+// key or value row among 4 queries and keep the sums in registers (16 keys or 16 features of 4 rows, as 8-float
+// vectors: GCC kept arrays of them on the stack, a store and a load per FMA).
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4), may_alias));  // an unaligned view of 8 floats
+#define RK_LOAD8(p) (*reinterpret_cast<const v8u*>(p))
+#define RK_STORE8(p, x) (*reinterpret_cast<v8u*>(p) = (x))
+
 RK_CLONES void chunk_scores4(const float* q, std::int64_t D, const float* kt, std::int64_t nc, float scale, float* s,
                              std::int64_t S) {
   std::int64_t j0 = 0;
   for (; j0 + 16 <= nc; j0 += 16) {
-    float a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {};
+    v8f a0 = {}, b0 = {}, a1 = {}, b1 = {}, a2 = {}, b2 = {}, a3 = {}, b3 = {};
     for (std::int64_t d = 0; d < D; ++d) {
       const float* kr = kt + d * kChunk + j0;
+      const v8f k0 = RK_LOAD8(kr), k1 = RK_LOAD8(kr + 8);
       const float q0 = q[d], q1 = q[D + d], q2 = q[2 * D + d], q3 = q[3 * D + d];
-#pragma omp simd
-      for (int j = 0; j < 16; ++j) {
-        a0[j] += q0 * kr[j];
-        a1[j] += q1 * kr[j];
-        a2[j] += q2 * kr[j];
-        a3[j] += q3 * kr[j];
-      }
+      a0 += q0 * k0;
+      b0 += q0 * k1;
+      a1 += q1 * k0;
+      b1 += q1 * k1;
+      a2 += q2 * k0;
+      b2 += q2 * k1;
+      a3 += q3 * k0;
+      b3 += q3 * k1;
     }
-#pragma omp simd
-    for (int j = 0; j < 16; ++j) {
-      s[j0 + j] = a0[j] * scale;
-      s[S + j0 + j] = a1[j] * scale;
-      s[2 * S + j0 + j] = a2[j] * scale;
-      s[3 * S + j0 + j] = a3[j] * scale;
-    }
+    RK_STORE8(s + j0, a0 * scale);
+    RK_STORE8(s + j0 + 8, b0 * scale);
+    RK_STORE8(s + S + j0, a1 * scale);
+    RK_STORE8(s + S + j0 + 8, b1 * scale);
+    RK_STORE8(s + 2 * S + j0, a2 * scale);
+    RK_STORE8(s + 2 * S + j0 + 8, b2 * scale);
+    RK_STORE8(s + 3 * S + j0, a3 * scale);
+    RK_STORE8(s + 3 * S + j0 + 8, b3 * scale);
   }
   if (j0 < nc)
     for (int r = 0; r < 4; ++r) {
@@ -111,32 +120,33 @@ RK_CLONES void chunk_values4(const float* w, std::int64_t S, const float* v, std
                              float* acc) {
   std::int64_t d0 = 0;
   for (; d0 + 16 <= D; d0 += 16) {
-    float a0[16], a1[16], a2[16], a3[16];
-#pragma omp simd
-    for (int d = 0; d < 16; ++d) {
-      a0[d] = acc[d0 + d];
-      a1[d] = acc[D + d0 + d];
-      a2[d] = acc[2 * D + d0 + d];
-      a3[d] = acc[3 * D + d0 + d];
-    }
+    float* c0 = acc + d0;
+    float* c1 = acc + D + d0;
+    float* c2 = acc + 2 * D + d0;
+    float* c3 = acc + 3 * D + d0;
+    v8f a0 = RK_LOAD8(c0), b0 = RK_LOAD8(c0 + 8), a1 = RK_LOAD8(c1), b1 = RK_LOAD8(c1 + 8);
+    v8f a2 = RK_LOAD8(c2), b2 = RK_LOAD8(c2 + 8), a3 = RK_LOAD8(c3), b3 = RK_LOAD8(c3 + 8);
     for (std::int64_t j = 0; j < n; ++j) {
       const float* vr = v + j * D + d0;
+      const v8f x0 = RK_LOAD8(vr), x1 = RK_LOAD8(vr + 8);
       const float w0 = w[j], w1 = w[S + j], w2 = w[2 * S + j], w3 = w[3 * S + j];
-#pragma omp simd
-      for (int d = 0; d < 16; ++d) {
-        a0[d] += w0 * vr[d];
-        a1[d] += w1 * vr[d];
-        a2[d] += w2 * vr[d];
-        a3[d] += w3 * vr[d];
-      }
+      a0 += w0 * x0;
+      b0 += w0 * x1;
+      a1 += w1 * x0;
+      b1 += w1 * x1;
+      a2 += w2 * x0;
+      b2 += w2 * x1;
+      a3 += w3 * x0;
+      b3 += w3 * x1;
     }
-#pragma omp simd
-    for (int d = 0; d < 16; ++d) {
-      acc[d0 + d] = a0[d];
-      acc[D + d0 + d] = a1[d];
-      acc[2 * D + d0 + d] = a2[d];
-      acc[3 * D + d0 + d] = a3[d];
-    }
+    RK_STORE8(c0, a0);
+    RK_STORE8(c0 + 8, b0);
+    RK_STORE8(c1, a1);
+    RK_STORE8(c1 + 8, b1);
+    RK_STORE8(c2, a2);
+    RK_STORE8(c2 + 8, b2);
+    RK_STORE8(c3, a3);
+    RK_STORE8(c3 + 8, b3);
   }
   if (d0 < D)
     for (int r = 0; r < 4; ++r)
@@ -185,8 +195,11 @@ struct Item {
     }
   }
 
-  void run(std::int64_t hkv, std::int64_t b0, std::int64_t nb) const {
-    const std::int64_t D = p.D, P = p.P, Lq = p.Lq, Lk = p.Lk;
+  // Rows [r_lo, r_hi) of the item's R = nb x G x Lq query rows (r = (row in block, head in group, query)): a part
+  // of an item when items are fewer than threads. A row's result does not depend on the part it is computed in.
+  void run(std::int64_t hkv, std::int64_t b0, std::int64_t nb, std::int64_t r_lo, std::int64_t r_hi) const {
+    const std::int64_t D = p.D, P = p.P, Lq = p.Lq, Lk = p.Lk, GL = G * Lq;
+    const std::int64_t bi_lo = r_lo / GL, bi_hi = (r_hi + GL - 1) / GL;  // the batch rows the part touches
     const void* q = reinterpret_cast<const void*>(p.q);
     std::vector<float>& qf = scratch<float, 0>(static_cast<std::size_t>(R * D));
     std::vector<float>& sc = scratch<float, 1>(static_cast<std::size_t>(R * S));
@@ -194,15 +207,14 @@ struct Item {
     std::vector<float>& tmp = scratch<float, 3>(static_cast<std::size_t>(D));
     std::vector<float>& acc = scratch<float, 4>(static_cast<std::size_t>(R * D));
     std::vector<std::int64_t>& own = scratch<std::int64_t, 5>(static_cast<std::size_t>(nb * Lk));
-    std::vector<std::int64_t>& n_own = scratch<std::int64_t, 6>(static_cast<std::size_t>(nb));
     std::vector<std::int64_t>& seen = scratch<std::int64_t, 7>(static_cast<std::size_t>(R));  // own keys seen
-    // rows r = (row in block, head in group, query): q's row, and how many own keys it sees
-    for (std::int64_t r = 0; r < R; ++r) {
-      const std::int64_t bi = r / (G * Lq), g = (r / Lq) % G, i = r % Lq;
+    std::vector<std::int64_t>& most = scratch<std::int64_t, 8>(static_cast<std::size_t>(nb));  // per batch row
+    for (std::int64_t r = r_lo; r < r_hi; ++r) {  // q's rows
+      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
       const std::int64_t b = b0 + bi, h = hkv * G + g;
       load_row(p.dtype, q, b * p.q_sb + h * p.q_sh + i * p.q_sl, D, qf.data() + r * D, -1);
     }
-    for (std::int64_t bi = 0; bi < nb; ++bi) {  // each row's visible own keys, ascending
+    for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {  // each batch row's visible own keys, ascending
       const std::int64_t b = b0 + bi;
       std::int64_t* o = own.data() + bi * Lk;
       std::int64_t n = 0;
@@ -216,46 +228,50 @@ struct Item {
                                                                             p.kv_len), b * p.len_s), 0), Lk);
         for (std::int64_t j = 0; j < len; ++j) o[n++] = j;
       }
-      n_own[bi] = n;
-      for (std::int64_t gi = 0; gi < G * Lq; ++gi) {
-        const std::int64_t i = gi % Lq;
+      most[bi] = 0;
+      for (std::int64_t r = std::max(bi * GL, r_lo); r < std::min((bi + 1) * GL, r_hi); ++r) {
+        const std::int64_t i = r % Lq;
         // causal, bottom-right aligned: query i sees own keys j <= i + Lk - Lq
-        const std::int64_t c = p.causal ? std::upper_bound(o, o + n, i + Lk - Lq) - o : n;
-        seen[bi * G * Lq + gi] = c;
+        seen[r] = p.causal ? std::upper_bound(o, o + n, i + Lk - Lq) - o : n;
+        most[bi] = std::max(most[bi], seen[r]);
       }
     }
-    // scores over the prefix: one staging of each chunk for every row of the item
+    // scores over the prefix: one staging of each chunk for every row of the part
+    const std::int64_t t = P && p.task ? load_index(p.task_dtype, reinterpret_cast<const void*>(p.task), b0 * p.task_s)
+                                       : 0;
     if (P) {
-      const std::int64_t t =
-          p.task ? load_index(p.task_dtype, reinterpret_cast<const void*>(p.task), b0 * p.task_s) : 0;
       const std::int64_t base = t * p.pk_st + hkv * p.pk_sh;
       for (std::int64_t c0 = 0; c0 < P; c0 += kChunk) {
         const std::int64_t nc = std::min(kChunk, P - c0);
         stage_keys(p.p_dtype, reinterpret_cast<const void*>(p.pk), [&](std::int64_t j) {
           return base + (c0 + j) * p.pk_sl; }, nc, round_dt, kt.data(), tmp.data());
-        rows_scores(qf.data(), 0, R, D, kt.data(), nc, p.scale, sc.data(), S, c0);
+        rows_scores(qf.data(), r_lo, r_hi, D, kt.data(), nc, p.scale, sc.data(), S, c0);
       }
     }
-    // scores over each row's own visible keys (those hidden only by causal included, dropped below)
-    for (std::int64_t bi = 0; bi < nb; ++bi) {
-      const std::int64_t b = b0 + bi, n = n_own[bi];
+    // scores over each batch row's own visible keys (those hidden only by causal included, dropped below)
+    for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {
+      const std::int64_t b = b0 + bi, n = most[bi];
       const std::int64_t* o = own.data() + bi * Lk;
       const std::int64_t base = b * p.k_sb + hkv * p.k_sh;
+      const std::int64_t r0 = std::max(bi * GL, r_lo), r1 = std::min((bi + 1) * GL, r_hi);
       for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
         const std::int64_t nc = std::min(kChunk, n - c0);
         stage_keys(p.dtype, reinterpret_cast<const void*>(p.k), [&](std::int64_t j) {
           return base + o[c0 + j] * p.k_sl; }, nc, -1, kt.data(), tmp.data());
-        rows_scores(qf.data(), bi * G * Lq, (bi + 1) * G * Lq, D, kt.data(), nc, p.scale, sc.data(), S, P + c0);
+        rows_scores(qf.data(), r0, r1, D, kt.data(), nc, p.scale, sc.data(), S, P + c0);
       }
     }
-    // softmax of each row over the keys it sees (prefix, then its first `seen` own keys): probabilities in place
+    // softmax of each row over the keys it sees (prefix, then its first `seen` own keys): probabilities in place;
+    // keys hidden from a row only by causal weigh 0 in the value sums (their values are real, finite data), so the
+    // rows of a batch row share one sweep over its most-seen keys
     std::vector<float>& lsum = scratch<float, 8>(static_cast<std::size_t>(R));
     float* lse = reinterpret_cast<float*>(p.lse);
-    for (std::int64_t r = 0; r < R; ++r) {
-      const std::int64_t bi = r / (G * Lq), g = (r / Lq) % G, i = r % Lq;
+    for (std::int64_t r = r_lo; r < r_hi; ++r) {
+      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
       const std::int64_t row = ((b0 + bi) * p.Hq + hkv * G + g) * Lq + i;
       float* s = sc.data() + r * S;
       const std::int64_t n = P + seen[r];
+      std::fill(s + n, s + P + most[bi], 0.0f);
       float m = -INFINITY;
       for (std::int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // (NaN scores skipped: they propagate below)
       if (n == 0 || m == -INFINITY) {  // nothing seen (or every score -inf): out 0, lse -inf
@@ -269,37 +285,25 @@ struct Item {
       lsum[r] = l;
       lse[row] = m + std::log(l);
     }
-    // keys hidden from a row only by causal weigh 0 in the value sums (their values are real, finite data), so the
-    // rows of a batch row share one sweep over its most-seen keys
-    for (std::int64_t r = 0; r < R; ++r) {
-      const std::int64_t bi = r / (G * Lq);
-      std::int64_t most = 0;
-      for (std::int64_t x = bi * G * Lq; x < (bi + 1) * G * Lq; ++x) most = std::max(most, seen[x]);
-      std::fill(sc.data() + r * S + P + seen[r], sc.data() + r * S + P + most, 0.0f);
-    }
-    // values: each staged chunk of the prefix's for every row of the item, then each row's own
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    // values: each staged chunk of the prefix's for every row of the part, then each batch row's own
+    std::fill(acc.begin() + r_lo * D, acc.begin() + r_hi * D, 0.0f);
     std::vector<float>& vs = scratch<float, 9>(static_cast<std::size_t>(kChunk * D));
     if (P) {
-      const std::int64_t t =
-          p.task ? load_index(p.task_dtype, reinterpret_cast<const void*>(p.task), b0 * p.task_s) : 0;
       const std::int64_t base = t * p.pv_st + hkv * p.pv_sh;
       for (std::int64_t c0 = 0; c0 < P; c0 += kChunk) {
         const std::int64_t nc = std::min(kChunk, P - c0);
         for (std::int64_t j = 0; j < nc; ++j)
           load_row(p.p_dtype, reinterpret_cast<const void*>(p.pv), base + (c0 + j) * p.pv_sl, D, vs.data() + j * D,
                    round_dt);
-        rows_values(sc.data(), S, c0, 0, R, vs.data(), nc, D, acc.data());
+        rows_values(sc.data(), S, c0, r_lo, r_hi, vs.data(), nc, D, acc.data());
       }
     }
-    for (std::int64_t bi = 0; bi < nb; ++bi) {
+    for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {
       const std::int64_t b = b0 + bi;
       const std::int64_t* o = own.data() + bi * Lk;
-      const std::int64_t r0 = bi * G * Lq, r1 = r0 + G * Lq;
-      std::int64_t most = 0;
-      for (std::int64_t r = r0; r < r1; ++r) most = std::max(most, seen[r]);
-      for (std::int64_t c0 = 0; c0 < most; c0 += kChunk) {
-        const std::int64_t nc = std::min(kChunk, most - c0);
+      const std::int64_t r0 = std::max(bi * GL, r_lo), r1 = std::min((bi + 1) * GL, r_hi);
+      for (std::int64_t c0 = 0; c0 < most[bi]; c0 += kChunk) {
+        const std::int64_t nc = std::min(kChunk, most[bi] - c0);
         for (std::int64_t j = 0; j < nc; ++j)
           load_row(p.dtype, reinterpret_cast<const void*>(p.v), b * p.v_sb + hkv * p.v_sh + o[c0 + j] * p.v_sl, D,
                    vs.data() + j * D, -1);
@@ -307,8 +311,8 @@ struct Item {
       }
     }
     void* out = reinterpret_cast<void*>(p.out);
-    for (std::int64_t r = 0; r < R; ++r) {
-      const std::int64_t bi = r / (G * Lq), g = (r / Lq) % G, i = r % Lq;
+    for (std::int64_t r = r_lo; r < r_hi; ++r) {
+      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
       const std::int64_t row = ((b0 + bi) * p.Hq + hkv * G + g) * Lq + i;
       const float l = lsum[r];
       const float* a = acc.data() + r * D;
@@ -333,12 +337,19 @@ int prefix_attention_fwd(const PrefixAttnParams& p) {
   const std::int64_t G = p.Hq / p.Hkv, nb = p.rows_per_item;
   const std::int64_t blocks = (p.B + nb - 1) / nb;
   const int round_dt = p.P && p.p_dtype != p.dtype && p.dtype != F32 ? p.dtype : -1;
-#pragma omp parallel for schedule(static) num_threads(threads_of(p.threads))
-  for (std::int64_t it = 0; it < p.Hkv * blocks; ++it) {
-    const std::int64_t hkv = it % p.Hkv, b0 = (it / p.Hkv) * nb;
-    const std::int64_t n = std::min(nb, p.B - b0);
-    const Item item{p, round_dt, G, n * G * p.Lq, p.P + p.Lk};
-    item.run(hkv, b0, n);
+  // fewer items than threads (one kv head and one batch row, say): each item's query rows split into parts of at
+  // least 8 rows, so every thread has work (a row's result does not depend on the split)
+  const int nt = threads_of(p.threads);
+  const std::int64_t items = p.Hkv * blocks;
+  const std::int64_t parts =
+      items >= nt ? 1 : std::max<std::int64_t>(1, std::min<std::int64_t>((nt + items - 1) / items, nb * G * p.Lq / 8));
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (std::int64_t it = 0; it < items * parts; ++it) {
+    const std::int64_t item = it / parts, part = it % parts;
+    const std::int64_t hkv = item % p.Hkv, b0 = (item / p.Hkv) * nb;
+    const std::int64_t n = std::min(nb, p.B - b0), R = n * G * p.Lq;
+    const Item work{p, round_dt, G, R, p.P + p.Lk};
+    work.run(hkv, b0, n, part * R / parts, (part + 1) * R / parts);
   }
   return 0;
 }

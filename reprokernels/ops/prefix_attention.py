@@ -53,14 +53,11 @@ CUDA_AUTO_MAX_PREFIX_QUERIES = 16
 # What the CPU decode kernel serves (reprokernels/cpu/prefix_attention.py): the forward of at most CPU_MAX_LQ
 # queries per row.
 CPU_MAX_LQ = 16
-# auto on CPU takes it (no gradient, Lq <= 16) while at most this many queries share a kv head in a row (GQA group
-# x Lq), or the problem is small (B Hq Lq (P + Lk) d query-key products at most CPU_AUTO_MAX_PRODUCTS). Its dot
-# products are register tiles of 4 queries x 16 keys; composite's are BLAS GEMMs, which pull ahead once many queries
-# share each key: 2 cores of an AVX2 EPYC, no gradient, float32 unless named, against composite (auto's other
-# choice): G Lq <= 32 1.5-3.8x (decode B1-64, P 256-2048, d 32-128; B2 H32/8 Lq8), 6.5x bfloat16; G Lq = 64 2.4x at
-# 4.2M products, 1.46x at 50M, 0.93x (float32) / 0.87x (bfloat16) at 168M (B4 H32/8 Lq16 Lk128 P512 d128).
-CPU_AUTO_MAX_GROUP_QUERIES = 32
-CPU_AUTO_MAX_PRODUCTS = 1 << 26
+# auto on CPU takes it for every call it serves (no gradient, Lq <= 16, kernel dtypes): measured faster than
+# composite (auto's other choice) and PEFT's concat + SDPA at every shape tried, 2 cores of an AVX2 EPYC, float32
+# unless named: decode B1-64, P 256-4096, d 32-128, GQA groups 1-16 2.0-6.6x composite; bfloat16 B16 H32/8 Lk1024
+# P2048 d128 10.8x; 64-256 queries per kv head in a row (Lq 16, G 4-16) 1.3-2.1x, 168M-671M query-key products
+# included (docs/cpu-backend.md).
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -104,12 +101,6 @@ def _cpu_built() -> bool:
 
 # a constant for torch.compile (as _backend._resolve): traced calls route like eager ones, no graph break
 _cpu_built._dynamo_marked_constant = True  # type: ignore[attr-defined]
-
-
-def auto_prefers_cpu(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, P: int, d: int) -> bool:
-    """Whether auto on CPU takes the decode kernel over composite / concat + SDPA for a call it can serve (see
-    CPU_AUTO_MAX_GROUP_QUERIES)."""
-    return (Hq // Hkv) * Lq <= CPU_AUTO_MAX_GROUP_QUERIES or B * Hq * Lq * (P + Lk) * d <= CPU_AUTO_MAX_PRODUCTS
 
 
 def auto_prefers_cuda(B: int, Hq: int, Hkv: int, Lq: int, P: int) -> bool:
@@ -348,8 +339,7 @@ def prefix_attention(
         why = cpu_refusal(q, needs_grad)
         if why:
             raise ValueError(f"backend: {why}")
-    elif (chosen == "composite" and is_auto and q.is_cpu and not cpu_refusal(q, needs_grad) and _cpu_built()
-          and auto_prefers_cpu(B, Hq, Hkv, q.shape[2], Lk, 0 if prefix_k is None else prefix_k.shape[-2], d)):
+    elif chosen == "composite" and is_auto and q.is_cpu and not cpu_refusal(q, needs_grad) and _cpu_built():
         chosen = "cpu"
     if chosen == "cpu" and direct_call("cpu", q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths):
         # nothing to record (no gradient): the launcher itself, without the Function and the registered op
