@@ -44,9 +44,13 @@ def plain_eager(*tensors: torch.Tensor | None, autocast_free: bool = False) -> b
     if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
             or torch._C._len_torch_dispatch_stack()):
         return False
-    if not all(t is None or (type(t) in PLAIN_TYPES and not t.is_meta) for t in tensors):
-        return False
-    return autocast_free or not torch.is_autocast_enabled(tensors[0].device.type)
+    for t in tensors:  # (a loop, not all() over a generator: this runs on every small call)
+        if t is not None and (type(t) not in PLAIN_TYPES or t.is_meta):
+            return False
+    if autocast_free:
+        return True
+    first = tensors[0]
+    return not torch.is_autocast_enabled("cpu" if first.is_cpu else first.device.type)  # (no torch.device object)
 
 
 def in_forward_ad() -> bool:

@@ -87,7 +87,7 @@ def check_choice(value: object, choices: Sequence[str], name: str) -> str:
 
 def value_range(t: torch.Tensor) -> tuple[int, int]:
     """(min, max) of a non-empty integer tensor with one device-to-host sync (a range check before a launch)."""
-    if t.device.type == "cpu":  # no sync to save: read in place by the CPU module, or two scalar reads
+    if t.is_cpu:  # no sync to save: read in place by the CPU module, or two scalar reads
         found = _cpu.index_range(t)
         if found is not None:
             return found
@@ -146,7 +146,7 @@ def checks_are_eager(device: torch.device) -> bool:
 def _values_unreadable(t: torch.Tensor) -> bool:
     """Meta and fake tensors (model construction on the meta device, torch.compile tracing) have no values."""
     # a plain torch.Tensor is never fake: skip is_fake's subclass walk on the hot path
-    return t.device.type == "meta" or torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
+    return t.is_meta or torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
 def check_index_range(t: torch.Tensor, lo: int, hi: int, name: str, what: str = "") -> int | None:
@@ -257,7 +257,7 @@ def check_writable(t: torch.Tensor, name: str) -> None:
 
 def is_meta(*tensors: torch.Tensor | None) -> bool:
     """Whether any of the tensors lives on the meta device (values absent: only shapes and dtypes flow)."""
-    return any(t is not None and t.device.type == "meta" for t in tensors)
+    return any(t is not None and t.is_meta for t in tensors)
 
 
 def resolve_backend_for(op: str, backend: str, device: torch.device, **kwargs: object) -> str:
