@@ -208,3 +208,51 @@ def test_opcheck_and_compile():
         want = decode(q, k, v, pk, pv, lens)
         got = torch.compile(decode, fullgraph=True)(q, k, v, pk, pv, lens)
     assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------- the contract's edges, forward only
+
+
+_DEGENERATE = [dict(B=0), dict(Lq=0), dict(Lk=0), dict(P=0), dict(Lk=0, P=0), dict(Hq=0), dict(B=0, T=3),
+               dict(Lk=0, P=0, lengths=True), dict(P=0, lengths=True), dict(Lq=16, Lk=3, P=0)]
+
+
+@pytest.mark.parametrize("cfg", _DEGENERATE, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_degenerate_sizes(cfg):
+    """Empty batch, no queries, no own keys, no prefix, no query heads, rows that see nothing: the reference's
+    empty results or O = 0 with LSE = -inf (tests/test_robustness_attention.py runs the differentiable backends)."""
+    B, Lq, Lk, P, T = cfg.get("B", 2), cfg.get("Lq", 3), cfg.get("Lk", 5), cfg.get("P", 2), cfg.get("T")
+    Hq = cfg.get("Hq", 2)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, Hq, Lq, 32, generator=gen), torch.randn(B, 1, Lk, 32, generator=gen),
+               torch.randn(B, 1, Lk, 32, generator=gen))
+    shape = (1, P, 32) if T is None else (T, 1, P, 32)
+    pk, pv = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    kw = dict(task_ids=torch.zeros(B, dtype=torch.int64) if T is not None else None,
+              kv_lengths=torch.zeros(B, dtype=torch.int32) if cfg.get("lengths") else None)
+    got = rk.prefix_attention(q, k, v, pk, pv, return_lse=True, backend="cpu", **kw)
+    want = rk.prefix_attention(q, k, v, pk, pv, return_lse=True, backend="reference", **kw)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)) and not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["q", "kv", "prefix", "all"])
+def test_expanded_inputs(which):
+    """Stride-0 inputs (expanded over the batch or heads, as a broadcast cache or a shared query would be)."""
+    gen = torch.Generator().manual_seed(8)
+    B, Hq, Hkv, Lq, Lk, P, d = 3, 4, 2, 2, 7, 5, 16
+    q = torch.randn(B, Hq, Lq, d, generator=gen)
+    k, v = torch.randn(B, Hkv, Lk, d, generator=gen), torch.randn(B, Hkv, Lk, d, generator=gen)
+    pk, pv = torch.randn(Hkv, P, d, generator=gen), torch.randn(Hkv, P, d, generator=gen)
+    if which in ("q", "all"):
+        q = q[:1].expand(B, Hq, Lq, d)
+    if which in ("kv", "all"):
+        k, v = k[:, :1].expand(B, Hkv, Lk, d), v[:1].expand(B, Hkv, Lk, d)
+    if which in ("prefix", "all"):
+        pk, pv = pk[:, :1].expand(Hkv, P, d), pv[:1].expand(Hkv, P, d)
+    lens = torch.tensor([7, 3, 0])
+    got = rk.prefix_attention(q, k, v, pk, pv, kv_lengths=lens, backend="cpu")
+    want = rk.prefix_attention(q, k, v, pk, pv, kv_lengths=lens, backend="reference")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
