@@ -24,6 +24,7 @@ from .._validation import (
     resolve_backend_for,
 )
 from ..composite import prefix_attention as _composite
+from ..cpu import prefix_attention as _cpu_decode
 from ..reference import prefix_attention as _ref
 
 OP = "prefix_attention"
@@ -50,9 +51,9 @@ CUDA_MAX_HEAD_DIM = 512
 # key/value pair against 2 d FMAs per query: at ~25 TFMA/s effective and 3.35 TB/s the two meet near 15 queries),
 # while Triton's stage 1 runs it as a tensor-core GEMM. A model, not a measurement: no GPU has timed either yet.
 CUDA_AUTO_MAX_PREFIX_QUERIES = 16
-# What the CPU decode kernel serves (reprokernels/cpu/prefix_attention.py): the forward of at most CPU_MAX_LQ
-# queries per row.
-CPU_MAX_LQ = 16
+# What the CPU decode kernel serves (reprokernels/cpu/prefix_attention.py, a light import: no extension loaded):
+# the forward of at most CPU_MAX_LQ queries per row.
+CPU_MAX_LQ = _cpu_decode.MAX_LQ
 # auto on CPU takes it for every call it serves (no gradient, Lq <= 16, kernel dtypes): measured faster than
 # composite (auto's other choice) and PEFT's concat + SDPA at every shape tried, 2 cores of an AVX2 EPYC, float32
 # unless named: decode B1-64, P 256-4096, d 32-128, GQA groups 1-16 2.0-6.6x composite; bfloat16 B16 H32/8 Lk1024
@@ -87,12 +88,7 @@ def cpu_refusal(q: torch.Tensor, needs_grad: bool) -> str:
     if needs_grad:
         return ("the cpu backend of prefix_attention is the decode forward: it has no backward, and inputs require "
                 "gradients here (training: backend='composite'; or call it under torch.no_grad())")
-    if q.shape[2] > CPU_MAX_LQ:
-        return (f"the cpu backend of prefix_attention serves decoding with at most {CPU_MAX_LQ} queries per row, "
-                f"got Lq={q.shape[2]} (prefill: backend='composite')")
-    if q.dtype not in KERNEL_DTYPES:
-        return f"the cpu backend supports float32, float16 and bfloat16, got {q.dtype} (backend='composite')"
-    return ""
+    return _cpu_decode.unsupported(q)
 
 
 def _cpu_built() -> bool:
