@@ -249,8 +249,8 @@ def label_map(logits: torch.Tensor, mapping: torch.Tensor, *, reduce: str = "mea
     if plain:  # auto's reference as plain autograd (see plain_eager: autocast is off here, so no guard is needed)
         if input == "logits" and m2.dtype == torch.float32 and flat.dtype in KERNEL_DTYPES:
             # label_map_values without its calls that change nothing here (as many us as a B8 GEMM): the eager
-            # chain's own float32 GEMM, the conversions no-ops for float32 logits
-            out = (flat.float() @ m2).to(flat.dtype)
+            # chain's own float32 GEMM; float32 logits skip even the no-op conversion calls (3.4 us at B8)
+            out = flat @ m2 if flat.dtype == torch.float32 else (flat.float() @ m2).to(flat.dtype)
         else:
             out = label_map_values(flat, m2, reduce, input)
         return _restore_lead(out, logits)
