@@ -85,7 +85,8 @@ def test_large_scores_do_not_overflow():
 @pytest.mark.parametrize("shape", [(7, 8, 2, 3), (1, 8, 1, 16)])
 def test_bitwise_the_same_for_any_threads_and_blocking(threads, shape, monkeypatch):
     """Each output row's sums run in a fixed order: thread count, rows per work item and the split of an item's
-    query rows (one kv head and one batch row: fewer items than threads) change nothing."""
+    query rows (one kv head and one batch row: fewer items than threads; a score budget below the item's scores)
+    change nothing."""
     B, Hq, Hkv, Lq = shape
     c = make_case(B, Hq, Hkv, Lq, 50, 90, 64, g=torch.Generator().manual_seed(4), mask="len32")
     before = torch.get_num_threads()
@@ -93,8 +94,10 @@ def test_bitwise_the_same_for_any_threads_and_blocking(threads, shape, monkeypat
         torch.set_num_threads(1)
         want = run(c)
         torch.set_num_threads(threads)
-        for rows in (1, 5, 64):
+        for rows, budget in ((1, 1 << 22), (5, 1 << 22), (64, 1 << 22), (64, 300), (64, 1)):
+            # (a budget below one row's scores splits the items into single rows)
             monkeypatch.setattr(cpa, "ITEM_QUERY_ROWS", rows)
+            monkeypatch.setattr(cpa, "SCORE_BUDGET", budget)
             got = run(c)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     finally:

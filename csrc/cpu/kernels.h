@@ -117,6 +117,7 @@ struct PrefixAttnParams {
   std::int64_t q_sb = 0, q_sh = 0, q_sl = 0, k_sb = 0, k_sh = 0, k_sl = 0, v_sb = 0, v_sh = 0, v_sl = 0;
   std::int64_t pk_st = 0, pk_sh = 0, pk_sl = 0, pv_st = 0, pv_sh = 0, pv_sl = 0;
   std::int64_t task_s = 0, kpm_sb = 0, kpm_sl = 0, len_s = 0, rows_per_item = 1;
+  std::int64_t score_budget = 0;  // floats of scores a work item may hold (its rows are split beyond); 0: no limit
   std::int32_t dtype = 0, p_dtype = 0, task_dtype = 0, len_dtype = 0, causal = 0, check_index = 0;
   float scale = 1.0f;
   std::int32_t threads = 1;

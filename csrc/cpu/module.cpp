@@ -75,7 +75,7 @@ const FieldTable& fields(const PrefixAttnParams*) {
       F(q), F(k), F(v), F(pk), F(pv), F(task), F(kpm), F(kv_len), F(out), F(lse), F(B), F(Hq), F(Hkv), F(Lq),
       F(Lk), F(P), F(D), F(T), F(q_sb), F(q_sh), F(q_sl), F(k_sb), F(k_sh), F(k_sl), F(v_sb), F(v_sh), F(v_sl),
       F(pk_st), F(pk_sh), F(pk_sl), F(pv_st), F(pv_sh), F(pv_sl), F(task_s), F(kpm_sb), F(kpm_sl), F(len_s),
-      F(rows_per_item), F(dtype), F(p_dtype), F(task_dtype), F(len_dtype), F(causal), F(check_index), F(scale),
+      F(rows_per_item), F(score_budget), F(dtype), F(p_dtype), F(task_dtype), F(len_dtype), F(causal), F(check_index), F(scale),
       F(threads)};
   return t;
 }

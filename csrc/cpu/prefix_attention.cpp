@@ -196,44 +196,60 @@ struct Item {
   }
 
   // Rows [r_lo, r_hi) of the item's R = nb x G x Lq query rows (r = (row in block, head in group, query)): a part
-  // of an item when items are fewer than threads. A row's result does not depend on the part it is computed in.
-  void run(std::int64_t hkv, std::int64_t b0, std::int64_t nb, std::int64_t r_lo, std::int64_t r_hi) const {
-    const std::int64_t D = p.D, P = p.P, Lq = p.Lq, Lk = p.Lk, GL = G * Lq;
+  // of an item when items are fewer than threads, or when the item's scores would outgrow the score budget. A
+  // row's result does not depend on the part it is computed in. Buffers hold the part's rows (local index r - r_lo).
+  void run(std::int64_t hkv, std::int64_t b0, std::int64_t r_lo, std::int64_t r_hi) const {
+    const std::int64_t D = p.D, P = p.P, Lq = p.Lq, Lk = p.Lk, GL = G * Lq, NR = r_hi - r_lo;
     const std::int64_t bi_lo = r_lo / GL, bi_hi = (r_hi + GL - 1) / GL;  // the batch rows the part touches
     const void* q = reinterpret_cast<const void*>(p.q);
-    std::vector<float>& qf = scratch<float, 0>(static_cast<std::size_t>(R * D));
-    std::vector<float>& sc = scratch<float, 1>(static_cast<std::size_t>(R * S));
+    std::vector<float>& qf = scratch<float, 0>(static_cast<std::size_t>(NR * D));
+    std::vector<float>& sc = scratch<float, 1>(static_cast<std::size_t>(NR * S));
     std::vector<float>& kt = scratch<float, 2>(static_cast<std::size_t>(D * kChunk));
     std::vector<float>& tmp = scratch<float, 3>(static_cast<std::size_t>(D));
-    std::vector<float>& acc = scratch<float, 4>(static_cast<std::size_t>(R * D));
-    std::vector<std::int64_t>& own = scratch<std::int64_t, 5>(static_cast<std::size_t>(nb * Lk));
-    std::vector<std::int64_t>& seen = scratch<std::int64_t, 7>(static_cast<std::size_t>(R));  // own keys seen
-    std::vector<std::int64_t>& most = scratch<std::int64_t, 8>(static_cast<std::size_t>(nb));  // per batch row
+    std::vector<float>& acc = scratch<float, 4>(static_cast<std::size_t>(NR * D));
+    // a padding mask's visible keys, per batch row of the part (without one, the visible keys are 0 .. len - 1)
+    std::vector<std::int32_t>& own = scratch<std::int32_t, 5>(p.kpm ? static_cast<std::size_t>((bi_hi - bi_lo) * Lk)
+                                                                      : 0);
+    std::vector<std::int64_t>& seen = scratch<std::int64_t, 7>(static_cast<std::size_t>(NR));  // own keys seen
+    std::vector<std::int64_t>& most = scratch<std::int64_t, 8>(static_cast<std::size_t>(bi_hi - bi_lo));
+    std::vector<float>& lsum = scratch<float, 8>(static_cast<std::size_t>(NR));
+    const auto key = [&](std::int64_t bi, std::int64_t j) -> std::int64_t {
+      return p.kpm ? own[(bi - bi_lo) * Lk + j] : j;
+    };
     for (std::int64_t r = r_lo; r < r_hi; ++r) {  // q's rows
       const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
       const std::int64_t b = b0 + bi, h = hkv * G + g;
-      load_row(p.dtype, q, b * p.q_sb + h * p.q_sh + i * p.q_sl, D, qf.data() + r * D, -1);
+      load_row(p.dtype, q, b * p.q_sb + h * p.q_sh + i * p.q_sl, D, qf.data() + (r - r_lo) * D, -1);
     }
     for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {  // each batch row's visible own keys, ascending
       const std::int64_t b = b0 + bi;
-      std::int64_t* o = own.data() + bi * Lk;
       std::int64_t n = 0;
       if (p.kpm) {
+        std::int32_t* o = own.data() + (bi - bi_lo) * Lk;
         const std::uint8_t* m = reinterpret_cast<const std::uint8_t*>(p.kpm);
         for (std::int64_t j = 0; j < Lk; ++j)
-          if (m[b * p.kpm_sb + j * p.kpm_sl]) o[n++] = j;
+          if (m[b * p.kpm_sb + j * p.kpm_sl]) o[n++] = static_cast<std::int32_t>(j);
       } else {
-        std::int64_t len = Lk;
-        if (p.kv_len) len = std::min(std::max<std::int64_t>(load_index(p.len_dtype, reinterpret_cast<const void*>(
-                                                                            p.kv_len), b * p.len_s), 0), Lk);
-        for (std::int64_t j = 0; j < len; ++j) o[n++] = j;
+        n = Lk;
+        if (p.kv_len) n = std::min(std::max<std::int64_t>(load_index(p.len_dtype, reinterpret_cast<const void*>(
+                                                                          p.kv_len), b * p.len_s), 0), Lk);
       }
-      most[bi] = 0;
+      std::int64_t& mb = most[bi - bi_lo];
+      mb = 0;
       for (std::int64_t r = std::max(bi * GL, r_lo); r < std::min((bi + 1) * GL, r_hi); ++r) {
-        const std::int64_t i = r % Lq;
-        // causal, bottom-right aligned: query i sees own keys j <= i + Lk - Lq
-        seen[r] = p.causal ? std::upper_bound(o, o + n, i + Lk - Lq) - o : n;
-        most[bi] = std::max(most[bi], seen[r]);
+        // causal, bottom-right aligned: query i sees own keys j <= i + Lk - Lq (the first c of the visible ones)
+        const std::int64_t lim = r % Lq + Lk - Lq;
+        std::int64_t c = n;
+        if (p.causal) {
+          if (p.kpm) {
+            const std::int32_t* o = own.data() + (bi - bi_lo) * Lk;
+            c = std::upper_bound(o, o + n, lim) - o;
+          } else {
+            c = std::min(n, std::max<std::int64_t>(lim + 1, 0));
+          }
+        }
+        seen[r - r_lo] = c;
+        mb = std::max(mb, c);
       }
     }
     // scores over the prefix: one staging of each chunk for every row of the part
@@ -245,48 +261,46 @@ struct Item {
         const std::int64_t nc = std::min(kChunk, P - c0);
         stage_keys(p.p_dtype, reinterpret_cast<const void*>(p.pk), [&](std::int64_t j) {
           return base + (c0 + j) * p.pk_sl; }, nc, round_dt, kt.data(), tmp.data());
-        rows_scores(qf.data(), r_lo, r_hi, D, kt.data(), nc, p.scale, sc.data(), S, c0);
+        rows_scores(qf.data(), 0, NR, D, kt.data(), nc, p.scale, sc.data(), S, c0);
       }
     }
     // scores over each batch row's own visible keys (those hidden only by causal included, dropped below)
     for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {
-      const std::int64_t b = b0 + bi, n = most[bi];
-      const std::int64_t* o = own.data() + bi * Lk;
+      const std::int64_t b = b0 + bi, n = most[bi - bi_lo];
       const std::int64_t base = b * p.k_sb + hkv * p.k_sh;
-      const std::int64_t r0 = std::max(bi * GL, r_lo), r1 = std::min((bi + 1) * GL, r_hi);
+      const std::int64_t r0 = std::max(bi * GL, r_lo) - r_lo, r1 = std::min((bi + 1) * GL, r_hi) - r_lo;
       for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
         const std::int64_t nc = std::min(kChunk, n - c0);
         stage_keys(p.dtype, reinterpret_cast<const void*>(p.k), [&](std::int64_t j) {
-          return base + o[c0 + j] * p.k_sl; }, nc, -1, kt.data(), tmp.data());
+          return base + key(bi, c0 + j) * p.k_sl; }, nc, -1, kt.data(), tmp.data());
         rows_scores(qf.data(), r0, r1, D, kt.data(), nc, p.scale, sc.data(), S, P + c0);
       }
     }
     // softmax of each row over the keys it sees (prefix, then its first `seen` own keys): probabilities in place;
     // keys hidden from a row only by causal weigh 0 in the value sums (their values are real, finite data), so the
     // rows of a batch row share one sweep over its most-seen keys
-    std::vector<float>& lsum = scratch<float, 8>(static_cast<std::size_t>(R));
     float* lse = reinterpret_cast<float*>(p.lse);
     for (std::int64_t r = r_lo; r < r_hi; ++r) {
-      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
+      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq, x = r - r_lo;
       const std::int64_t row = ((b0 + bi) * p.Hq + hkv * G + g) * Lq + i;
-      float* s = sc.data() + r * S;
-      const std::int64_t n = P + seen[r];
-      std::fill(s + n, s + P + most[bi], 0.0f);
+      float* s = sc.data() + x * S;
+      const std::int64_t n = P + seen[x];
+      std::fill(s + n, s + P + most[bi - bi_lo], 0.0f);
       float m = -INFINITY;
       for (std::int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;  // (NaN scores skipped: they propagate below)
       if (n == 0 || m == -INFINITY) {  // nothing seen (or every score -inf): out 0, lse -inf
         std::fill(s, s + n, 0.0f);
-        lsum[r] = 0.0f;
+        lsum[x] = 0.0f;
         lse[row] = -INFINITY;
         continue;
       }
       if (m == INFINITY) m = 0.0f;  // (an inf score: exp gives inf / NaN, as the reference's softmax does)
       const float l = exp_shift(s, n, m);
-      lsum[r] = l;
+      lsum[x] = l;
       lse[row] = m + std::log(l);
     }
     // values: each staged chunk of the prefix's for every row of the part, then each batch row's own
-    std::fill(acc.begin() + r_lo * D, acc.begin() + r_hi * D, 0.0f);
+    std::fill(acc.begin(), acc.begin() + NR * D, 0.0f);
     std::vector<float>& vs = scratch<float, 9>(static_cast<std::size_t>(kChunk * D));
     if (P) {
       const std::int64_t base = t * p.pv_st + hkv * p.pv_sh;
@@ -295,27 +309,26 @@ struct Item {
         for (std::int64_t j = 0; j < nc; ++j)
           load_row(p.p_dtype, reinterpret_cast<const void*>(p.pv), base + (c0 + j) * p.pv_sl, D, vs.data() + j * D,
                    round_dt);
-        rows_values(sc.data(), S, c0, r_lo, r_hi, vs.data(), nc, D, acc.data());
+        rows_values(sc.data(), S, c0, 0, NR, vs.data(), nc, D, acc.data());
       }
     }
     for (std::int64_t bi = bi_lo; bi < bi_hi; ++bi) {
-      const std::int64_t b = b0 + bi;
-      const std::int64_t* o = own.data() + bi * Lk;
-      const std::int64_t r0 = std::max(bi * GL, r_lo), r1 = std::min((bi + 1) * GL, r_hi);
-      for (std::int64_t c0 = 0; c0 < most[bi]; c0 += kChunk) {
-        const std::int64_t nc = std::min(kChunk, most[bi] - c0);
+      const std::int64_t b = b0 + bi, n = most[bi - bi_lo];
+      const std::int64_t r0 = std::max(bi * GL, r_lo) - r_lo, r1 = std::min((bi + 1) * GL, r_hi) - r_lo;
+      for (std::int64_t c0 = 0; c0 < n; c0 += kChunk) {
+        const std::int64_t nc = std::min(kChunk, n - c0);
         for (std::int64_t j = 0; j < nc; ++j)
-          load_row(p.dtype, reinterpret_cast<const void*>(p.v), b * p.v_sb + hkv * p.v_sh + o[c0 + j] * p.v_sl, D,
-                   vs.data() + j * D, -1);
+          load_row(p.dtype, reinterpret_cast<const void*>(p.v), b * p.v_sb + hkv * p.v_sh + key(bi, c0 + j) * p.v_sl,
+                   D, vs.data() + j * D, -1);
         rows_values(sc.data(), S, P + c0, r0, r1, vs.data(), nc, D, acc.data());
       }
     }
     void* out = reinterpret_cast<void*>(p.out);
     for (std::int64_t r = r_lo; r < r_hi; ++r) {
-      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq;
+      const std::int64_t bi = r / GL, g = (r / Lq) % G, i = r % Lq, x = r - r_lo;
       const std::int64_t row = ((b0 + bi) * p.Hq + hkv * G + g) * Lq + i;
-      const float l = lsum[r];
-      const float* a = acc.data() + r * D;
+      const float l = lsum[x];
+      const float* a = acc.data() + x * D;
       for (std::int64_t d = 0; d < D; ++d) store_any(p.dtype, out, row * D + d, l > 0.0f || l != l ? a[d] / l : 0.0f);
     }
   }
@@ -326,7 +339,7 @@ struct Item {
 int prefix_attention_fwd(const PrefixAttnParams& p) {
   const auto code_ok = [](std::int32_t c) { return c >= F32 && c <= BF16; };
   if (!code_ok(p.dtype) || (p.P && !code_ok(p.p_dtype)) || p.D < 1 || p.Hkv < 1 || p.Hq % p.Hkv ||
-      p.rows_per_item < 1 || (p.task && p.rows_per_item != 1))
+      p.rows_per_item < 1 || (p.task && p.rows_per_item != 1) || p.Lk > INT32_MAX)
     return 1;
   if (p.check_index) {
     if (p.task && !index_within(p.task, p.task_dtype, p.B, 1, p.task_s, 1, 0, p.T - 1)) return kIndexError;
@@ -339,17 +352,21 @@ int prefix_attention_fwd(const PrefixAttnParams& p) {
   const int round_dt = p.P && p.p_dtype != p.dtype && p.dtype != F32 ? p.dtype : -1;
   // fewer items than threads (one kv head and one batch row, say): each item's query rows split into parts of at
   // least 8 rows, so every thread has work (a row's result does not depend on the split)
+  // An item's scores (its query rows x (P + Lk) floats) are split into parts of at most score_budget floats too.
   const int nt = threads_of(p.threads);
-  const std::int64_t items = p.Hkv * blocks;
-  const std::int64_t parts =
-      items >= nt ? 1 : std::max<std::int64_t>(1, std::min<std::int64_t>((nt + items - 1) / items, nb * G * p.Lq / 8));
+  const std::int64_t items = p.Hkv * blocks, R = nb * G * p.Lq, S = p.P + p.Lk;
+  std::int64_t parts =
+      items >= nt ? 1 : std::max<std::int64_t>(1, std::min<std::int64_t>((nt + items - 1) / items, R / 8));
+  if (p.score_budget > 0 && R * S > p.score_budget)
+    parts = std::max(parts, (R * S + p.score_budget - 1) / p.score_budget);
+  parts = std::min(parts, R);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (std::int64_t it = 0; it < items * parts; ++it) {
     const std::int64_t item = it / parts, part = it % parts;
     const std::int64_t hkv = item % p.Hkv, b0 = (item / p.Hkv) * nb;
-    const std::int64_t n = std::min(nb, p.B - b0), R = n * G * p.Lq;
-    const Item work{p, round_dt, G, R, p.P + p.Lk};
-    work.run(hkv, b0, n, part * R / parts, (part + 1) * R / parts);
+    const std::int64_t n = std::min(nb, p.B - b0), Ri = n * G * p.Lq;
+    const Item work{p, round_dt, G, Ri, S};
+    work.run(hkv, b0, part * Ri / parts, (part + 1) * Ri / parts);
   }
   return 0;
 }

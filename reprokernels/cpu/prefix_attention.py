@@ -23,6 +23,9 @@ MAX_LQ = 16
 # query rows (rows x GQA group x Lq) an item takes against one staging of the prefix: the scores of a block stay
 # in L2 beside the staged keys
 ITEM_QUERY_ROWS = 64
+# floats of scores (query rows x (P + Lk)) one work item holds at a time, per thread: rows per item are fewer, and
+# the kernel splits an item's rows into parts, so a long cache with many queries per kv head stays within 16 MiB
+SCORE_BUDGET = 1 << 22
 LEN_CODES = {torch.int64: 0, torch.int32: 1, torch.int16: 2, torch.int8: 3, torch.uint8: 4}
 
 
@@ -36,13 +39,14 @@ def unsupported(q: torch.Tensor) -> str:
     return ""
 
 
-def rows_per_item(B: int, Hq: int, Hkv: int, Lq: int, table: bool, threads: int) -> int:
-    """Batch rows per work item: as many as share a staging of the prefix within ITEM_QUERY_ROWS query rows, but
-    enough items for every thread (a per-row sum never depends on it: any value gives the same bits)."""
+def rows_per_item(B: int, Hq: int, Hkv: int, Lq: int, S: int, table: bool, threads: int) -> int:
+    """Batch rows per work item: as many as share a staging of the prefix within ITEM_QUERY_ROWS query rows and
+    SCORE_BUDGET floats of scores (S = P + Lk keys), but enough items for every thread (a per-row sum never depends
+    on it: any value gives the same bits)."""
     if table:
         return 1
     per_row = (Hq // Hkv) * Lq
-    nb = max(1, ITEM_QUERY_ROWS // max(per_row, 1))
+    nb = max(1, min(ITEM_QUERY_ROWS // max(per_row, 1), SCORE_BUDGET // max(per_row * S, 1)))
     while nb > 1 and Hkv * -(-B // nb) < threads:
         nb //= 2
     return max(1, min(nb, B))
@@ -103,7 +107,8 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
         p.kv_len, p.len_s, p.len_dtype = kv_lengths.data_ptr(), kv_lengths.stride(0), LEN_CODES[kv_lengths.dtype]
     p.causal = int(bool(causal))
     p.scale = float(scale)
-    p.rows_per_item = rows_per_item(B, Hq, Hkv, Lq, P > 0 and prefix_k.dim() == 4, _cpu.threads())
+    p.rows_per_item = rows_per_item(B, Hq, Hkv, Lq, P + Lk, P > 0 and prefix_k.dim() == 4, _cpu.threads())
+    p.score_budget = SCORE_BUDGET
     p.check_index = 1
     p.out, p.lse = out.data_ptr(), lse.data_ptr()
     _cpu.run("prefix_attention_fwd", p)
