@@ -259,3 +259,26 @@ def test_expanded_inputs(which):
     got = rk.prefix_attention(q, k, v, pk, pv, kv_lengths=lens, backend="cpu")
     want = rk.prefix_attention(q, k, v, pk, pv, kv_lengths=lens, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_route_leaves_index_ranges_to_the_kernel(monkeypatch):
+    """The op makes no separate range pass over task_ids / kv_lengths where the cpu kernel runs (it checks them in
+    its launch); other routes and empty outputs keep the op's own check, and a bad value is named either way."""
+    calls: list[str] = []
+    real = ops_pa.check_index_range
+    monkeypatch.setattr(ops_pa, "check_index_range", lambda t, lo, hi, name, what="": calls.append(name) or
+                        real(t, lo, hi, name, what))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 4, 8)
+    pk, pv = torch.randn(3, 1, 5, 8, generator=g), torch.randn(3, 1, 5, 8, generator=g)
+    kw = dict(task_ids=torch.tensor([2, 0]), kv_lengths=torch.tensor([4, 1]))
+    with torch.no_grad():
+        rk.prefix_attention(q, k, v, pk, pv, backend="cpu", **kw)
+        assert calls == []
+        rk.prefix_attention(q, k, v, pk, pv, backend="reference", **kw)
+        rk.prefix_attention(q[:0], k[:0], v[:0], pk, pv, backend="cpu", task_ids=kw["task_ids"][:0],
+                            kv_lengths=kw["kv_lengths"][:0])
+        assert calls == ["task_ids", "kv_lengths"] * 2
+        with pytest.raises(ValueError, match=r"task_ids: expected values in \[0, 2\] .*got 3"):
+            rk.prefix_attention(q, k, v, pk, pv, backend="cpu", task_ids=torch.tensor([3, 0]),
+                                kv_lengths=kw["kv_lengths"])

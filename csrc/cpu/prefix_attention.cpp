@@ -184,7 +184,7 @@ RK_CLONES float exp_shift(float* s, std::int64_t n, float m) {
 struct Item {
   const PrefixAttnParams& p;
   int round_dt;  // the prefix's rounding to q's dtype, or -1
-  std::int64_t G, R, S;  // query heads per kv head, query rows of the item, score row length (P + Lk)
+  std::int64_t G, S;  // query heads per kv head, score row length (P + Lk)
 
   // The transposed chunk of n keys: key j of the chunk is the row at element offset off(j) of base.
   template <class Off>
@@ -354,7 +354,7 @@ int prefix_attention_fwd(const PrefixAttnParams& p) {
   // least 8 rows, so every thread has work (a row's result does not depend on the split)
   // An item's scores (its query rows x (P + Lk) floats) are split into parts of at most score_budget floats too.
   const int nt = threads_of(p.threads);
-  const std::int64_t items = p.Hkv * blocks, R = nb * G * p.Lq, S = p.P + p.Lk;
+  const std::int64_t items = p.Hkv * blocks, R = std::min(nb, p.B) * G * p.Lq, S = p.P + p.Lk;
   std::int64_t parts =
       items >= nt ? 1 : std::max<std::int64_t>(1, std::min<std::int64_t>((nt + items - 1) / items, R / 8));
   if (p.score_budget > 0 && R * S > p.score_budget)
@@ -365,8 +365,9 @@ int prefix_attention_fwd(const PrefixAttnParams& p) {
     const std::int64_t item = it / parts, part = it % parts;
     const std::int64_t hkv = item % p.Hkv, b0 = (item / p.Hkv) * nb;
     const std::int64_t n = std::min(nb, p.B - b0), Ri = n * G * p.Lq;
-    const Item work{p, round_dt, G, Ri, S};
-    work.run(hkv, b0, part * Ri / parts, (part + 1) * Ri / parts);
+    const Item work{p, round_dt, G, S};
+    const std::int64_t r_lo = part * Ri / parts, r_hi = (part + 1) * Ri / parts;
+    if (r_lo < r_hi) work.run(hkv, b0, r_lo, r_hi);  // (the last block may have fewer rows than parts)
   }
   return 0;
 }

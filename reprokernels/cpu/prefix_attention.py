@@ -39,17 +39,14 @@ def unsupported(q: torch.Tensor) -> str:
     return ""
 
 
-def rows_per_item(B: int, Hq: int, Hkv: int, Lq: int, S: int, table: bool, threads: int) -> int:
+def rows_per_item(B: int, Hq: int, Hkv: int, Lq: int, S: int, table: bool) -> int:
     """Batch rows per work item: as many as share a staging of the prefix within ITEM_QUERY_ROWS query rows and
-    SCORE_BUDGET floats of scores (S = P + Lk keys), but enough items for every thread (a per-row sum never depends
-    on it: any value gives the same bits)."""
+    SCORE_BUDGET floats of scores (S = P + Lk keys). With fewer items than threads the kernel splits an item's rows
+    into parts itself (a per-row sum never depends on either: any value gives the same bits)."""
     if table:
         return 1
     per_row = (Hq // Hkv) * Lq
-    nb = max(1, min(ITEM_QUERY_ROWS // max(per_row, 1), SCORE_BUDGET // max(per_row * S, 1)))
-    while nb > 1 and Hkv * -(-B // nb) < threads:
-        nb //= 2
-    return max(1, min(nb, B))
+    return max(1, min(B, ITEM_QUERY_ROWS // max(per_row, 1), SCORE_BUDGET // max(per_row * S, 1)))
 
 
 def _unit(t: torch.Tensor) -> torch.Tensor:
@@ -107,7 +104,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k
         p.kv_len, p.len_s, p.len_dtype = kv_lengths.data_ptr(), kv_lengths.stride(0), LEN_CODES[kv_lengths.dtype]
     p.causal = int(bool(causal))
     p.scale = float(scale)
-    p.rows_per_item = rows_per_item(B, Hq, Hkv, Lq, P + Lk, P > 0 and prefix_k.dim() == 4, _cpu.threads())
+    p.rows_per_item = rows_per_item(B, Hq, Hkv, Lq, P + Lk, P > 0 and prefix_k.dim() == 4)
     p.score_budget = SCORE_BUDGET
     p.check_index = 1
     p.out, p.lse = out.data_ptr(), lse.data_ptr()

@@ -12,6 +12,7 @@ from .. import _cpu
 from .._amp import no_autocast
 from .._apply import apply_function, direct_call, plain_eager
 from .._backend import backend_status, default_backend, register_op
+from .._cpu import IndexRangeError
 from .._validation import (
     INDEX_DTYPES,
     KERNEL_DTYPES,
@@ -193,17 +194,23 @@ def _unit_last(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...], lo: int, hi: int, what: str) -> torch.Tensor:
+def _check_int(t: torch.Tensor, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """A (B,) index tensor of any integer dtype and strides -> contiguous int32/int64 (what every backend reads:
-    a kernel indexes it as a dense array; B elements, no host sync)."""
+    a kernel indexes it as a dense array; B elements, no host sync). Its values: ``_check_ranges``."""
     check_tensor(t, name)
     check_index_dtype(t, name, INDEX_DTYPES)
     if tuple(t.shape) != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    check_index_range(t, lo, hi, name, what)
     if t.dtype not in (torch.int64, torch.int32):
         t = t.to(torch.int32)
     return t.contiguous()
+
+
+def _check_ranges(ranges: list[tuple[torch.Tensor, int, int, str, str]]) -> None:
+    """Every (tensor, lo, hi, name, what) index tensor within [lo, hi], before a kernel reads through it (the cpu
+    kernel checks them in its own launch instead: ``_cpu.IndexRangeError``, after which this names the value)."""
+    for t, lo, hi, name, what in ranges:
+        check_index_range(t, lo, hi, name, what)
 
 
 def _concat_serves(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths) -> bool:
@@ -302,10 +309,12 @@ def prefix_attention(
                              f"got {tuple(prefix_v.shape)}")
         if prefix_v.dtype != prefix_k.dtype:
             raise TypeError(f"prefix_v: expected prefix_k's dtype {prefix_k.dtype}, got {prefix_v.dtype}")
+    ranges: list[tuple[torch.Tensor, int, int, str, str]] = []  # index tensors' value checks (_check_ranges)
     if prefix_k is not None and prefix_k.dim() == 4:
         if task_ids is None:
             raise ValueError(f"task_ids: a (T, Hkv, P, d) prefix table needs task_ids (B={B},), got None")
-        task_ids = _check_int(task_ids, "task_ids", (B,), 0, prefix_k.shape[0] - 1, "tasks of the prefix table")
+        task_ids = _check_int(task_ids, "task_ids", (B,))
+        ranges.append((task_ids, 0, prefix_k.shape[0] - 1, "task_ids", "tasks of the prefix table"))
     elif task_ids is not None:
         raise ValueError("task_ids: only used with a (T, Hkv, P, d) prefix table")
     if key_padding_mask is not None and kv_lengths is not None:
@@ -317,7 +326,8 @@ def prefix_attention(
         if tuple(key_padding_mask.shape) != (B, Lk):
             raise ValueError(f"key_padding_mask: expected shape (B={B}, Lk={Lk}), got {tuple(key_padding_mask.shape)}")
     if kv_lengths is not None:
-        kv_lengths = _check_int(kv_lengths, "kv_lengths", (B,), 0, Lk, "keys of each row")
+        kv_lengths = _check_int(kv_lengths, "kv_lengths", (B,))
+        ranges.append((kv_lengths, 0, Lk, "kv_lengths", "keys of each row"))
     check_same_device(("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v),
                       ("task_ids", task_ids), ("key_padding_mask", key_padding_mask), ("kv_lengths", kv_lengths))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
@@ -337,11 +347,19 @@ def prefix_attention(
             raise ValueError(f"backend: {why}")
     elif chosen == "composite" and is_auto and q.is_cpu and not cpu_refusal(q, needs_grad) and _cpu_built():
         chosen = "cpu"
+    # the cpu kernel checks task_ids and kv_lengths in its own launch where it runs (a non-empty output; task ids
+    # are read with a prefix)
+    if not (chosen == "cpu" and q.numel() and (task_ids is None or prefix_k.shape[-2])):
+        _check_ranges(ranges)
     if chosen == "cpu" and direct_call("cpu", q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths):
         # nothing to record (no gradient): the launcher itself, without the Function and the registered op
         q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-        out, lse = _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, bool(causal), scale,
-                        "cpu")
+        try:
+            out, lse = _fwd(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths, bool(causal),
+                            scale, "cpu")
+        except IndexRangeError:
+            _check_ranges(ranges)  # raises, naming the value
+            raise
         return (out, lse) if return_lse else out
     if chosen == "triton" and d not in TRITON_HEAD_DIMS:
         if is_auto:
@@ -357,8 +375,12 @@ def prefix_attention(
         return _composite.concat_sdpa(q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask, kv_lengths,
                                       bool(causal), scale)
     q, k, v, prefix_k, prefix_v = (_unit_last(t) for t in (q, k, v, prefix_k, prefix_v))
-    out, lse = apply_function(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
-                              kv_lengths, bool(causal), scale, chosen)
+    try:
+        out, lse = apply_function(PrefixAttentionFunction, q, k, v, prefix_k, prefix_v, task_ids, key_padding_mask,
+                                  kv_lengths, bool(causal), scale, chosen)
+    except IndexRangeError:  # (the cpu kernel's own check)
+        _check_ranges(ranges)
+        raise
     return (out, lse) if return_lse else out
 
 
